@@ -10,21 +10,38 @@ path, or the other framework. Everything is small: the whole suite runs in under
 two CPU cores.
 """
 
+import contextlib
+import dataclasses
 import hashlib
+import io
 import json
 import lzma
 import math
 import os
+import random
+import re
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from flax import nnx
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "data"))
 
+import bpe  # noqa: E402
+import gpt_jax  # noqa: E402
+import gpt_torch  # noqa: E402
+import llama_jax  # noqa: E402
+import llama_torch  # noqa: E402
 import make_stories  # noqa: E402  (data/make_stories.py)
 
 STORIES = os.path.join(ROOT, "data", "stories.txt")
@@ -44,6 +61,70 @@ def assert_one_line_error(result, *words):
     assert len(lines) == 1, result.stderr
     for word in words:
         assert word in lines[0], (word, lines[0])
+
+
+def write_tiny_corpus(directory, name="tiny.txt"):
+    """A small, very repetitive English text: a model learns it within a few dozen steps."""
+    lines = ["The cat sat on the mat and the dog ran in the park.", "A little bird sang a song in the tall tree.",
+             "Tom and Lily played with a red ball all day."]
+    path = os.path.join(directory, name)
+    with open(path, "w") as f:
+        f.write("\n".join(lines[i % 3] for i in range(120)) + "\n")
+    return path
+
+
+def copy_torch_to_jax(torch_model, jax_model):
+    """Copy every torch parameter into the jax attribute with the same dotted name (list entries by index):
+    Linear weight -> kernel (transposed: torch is (out, in), flax (in, out)), Embedding weight -> embedding,
+    LayerNorm weight -> scale, bias -> bias."""
+    copied = 0
+    for name, tensor in torch_model.named_parameters():  # the tied head is token_embedding, listed once
+        *path, leaf = name.split(".")
+        torch_module, jax_module = torch_model.get_submodule(".".join(path)), jax_model
+        for part in path:
+            jax_module = jax_module[int(part)] if part.isdigit() else getattr(jax_module, part)
+        value = tensor.detach().numpy()
+        if isinstance(torch_module, torch.nn.Linear) and leaf == "weight":
+            leaf, value = "kernel", value.T
+        elif isinstance(torch_module, torch.nn.Embedding):
+            leaf = "embedding"
+        elif isinstance(torch_module, torch.nn.LayerNorm) and leaf == "weight":
+            leaf = "scale"
+        variable = getattr(jax_module, leaf)
+        assert variable[...].shape == value.shape, name
+        variable[...] = jnp.asarray(value)
+        copied += 1
+    assert copied == len(jax.tree.leaves(nnx.state(jax_model, nnx.Param))), "a jax parameter has no torch twin"
+
+
+def run_scripts(*commands):
+    """Run the given [script, args...] commands as a user would, side by side (they mostly wait on imports);
+    returns their CompletedProcess results."""
+    processes = [subprocess.Popen([sys.executable, *command], cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for command in commands]
+    results = []
+    for command, process in zip(commands, processes):
+        stdout, stderr = process.communicate(timeout=120)
+        results.append(subprocess.CompletedProcess(command, process.returncode, stdout, stderr))
+    return results
+
+
+@nnx.jit
+def jax_forward(model, tokens, targets):
+    """The jax model's logits and loss, compiled: one compile per shape instead of one per operation."""
+    return model(tokens, targets)
+
+
+def run_main(module, args):
+    """Run a script's main() in this process; returns its stdout."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        module.main(args)
+    return out.getvalue()
+
+
+def parse_losses(stdout):
+    return [float(v) for v in re.findall(r"^step +\d+/\d+ \| loss ([0-9.]+)", stdout, re.M)]
 
 
 # -----------------------------------------------------------------------------
@@ -160,6 +241,846 @@ def test_readme_commands_are_the_ones_ci_runs():
     assert ci == ["pip install -r requirements.txt", "python test_all.py"], ci
     for command in ci:
         assert f"\n{command}\n" in readme, command
+
+
+# -----------------------------------------------------------------------------
+# GPT: gpt_torch.py and gpt_jax.py
+
+
+POSITIONS = ("learned", "sinusoidal", "alibi")
+
+
+def tiny_config(module, **overrides):
+    fields = dict(vocab_size=256, seq_len=16, num_layers=2, num_heads=4, model_dim=32, position_embedding="learned")
+    fields.update(overrides)
+    return module.Config(**fields)
+
+
+def build_pair(config_overrides, seed=0):
+    """The same GPT in both frameworks: torch initializes, the weights are copied into jax."""
+    torch.manual_seed(seed)
+    torch_model = gpt_torch.GPT(tiny_config(gpt_torch, **config_overrides)).eval()
+    jax_model = gpt_jax.GPT(tiny_config(gpt_jax, **config_overrides), nnx.Rngs(seed))
+    copy_torch_to_jax(torch_model, jax_model)
+    return torch_model, jax_model
+
+
+# ---- model ------------------------------------------------------------------------------------------------------
+
+def test_gpt_shapes_and_initial_loss():
+    tokens, targets = np.random.default_rng(0).integers(0, 256, size=(2, 3, 16))
+    torch.manual_seed(0)
+    logits, loss = gpt_torch.GPT(tiny_config(gpt_torch))(torch.from_numpy(tokens), torch.from_numpy(targets))
+    assert tuple(logits.shape) == (3, 16, 256)
+    assert abs(loss.item() - math.log(256)) < 0.2  # N(0, 0.02) init: near-uniform predictions
+    logits, loss = jax_forward(gpt_jax.GPT(tiny_config(gpt_jax), nnx.Rngs(0)), tokens, targets)
+    assert logits.shape == (3, 16, 256)
+    assert abs(float(loss) - math.log(256)) < 0.2
+
+
+def test_gpt_causality():
+    """Changing the tokens after position t leaves the logits at positions <= t unchanged."""
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, 256, size=(2, 16))
+    changed = tokens.copy()
+    changed[:, 9:] = rng.integers(0, 256, size=(2, 7))
+    for position in POSITIONS:
+        torch_model, jax_model = build_pair(dict(position_embedding=position))
+        with torch.no_grad():
+            a, b = (torch_model(torch.from_numpy(t))[0].numpy() for t in (tokens, changed))
+        c, d = (np.asarray(jax_forward(jax_model, t, t)[0]) for t in (tokens, changed))
+        for before, after in ((a, b), (c, d)):
+            assert np.allclose(before[:, :9], after[:, :9], atol=1e-5), position
+            assert not np.allclose(before[:, 9:], after[:, 9:], atol=1e-3), position  # the change is seen
+
+
+def test_gpt_torch_jax_parity():
+    """The same weights give the same logits and loss in both frameworks, for every position scheme
+    (alibi with 6 heads, a count that is not a power of two)."""
+    tokens = np.random.default_rng(2).integers(0, 256, size=(2, 16))
+    for overrides in (dict(position_embedding="learned"), dict(position_embedding="sinusoidal"),
+                      dict(position_embedding="alibi", num_heads=6, model_dim=48)):
+        torch_model, jax_model = build_pair(overrides)
+        with torch.no_grad():
+            torch_logits, torch_loss = torch_model(torch.from_numpy(tokens), torch.from_numpy(tokens))
+        jax_logits, jax_loss = jax_forward(jax_model, tokens, tokens)
+        assert np.abs(torch_logits.numpy() - np.asarray(jax_logits)).max() < 1e-4, overrides
+        assert abs(torch_loss.item() - float(jax_loss)) < 1e-4, overrides
+
+
+def test_gpt_training_steps_match_across_frameworks():
+    """Three AdamW steps from the same weights on the same batches agree: same schedule and step counting, same
+    weight-decay mask, same clipping (grad_clip small enough to be active)."""
+    overrides = dict(steps=3, warmup_steps=2, learning_rate=1e-2, min_learning_rate=1e-3, grad_clip=0.5)
+    torch_model, jax_model = build_pair(overrides)
+    torch_model.train()
+    config = tiny_config(gpt_torch, **overrides)
+    torch_step, _ = gpt_torch.make_steps(torch_model, gpt_torch.make_optimizer(torch_model, config), config)
+    jax_optimizer = gpt_jax.make_optimizer(tiny_config(gpt_jax, **overrides))
+    graphdef, state = nnx.split(jax_model)
+    params = nnx.to_pure_dict(state)
+    opt_state = jax_optimizer.init(params)
+    jax_step, _ = gpt_jax.make_steps(graphdef, jax_optimizer, jax.random.key(0))
+    rng = np.random.default_rng(3)
+    for step in range(3):
+        x, y = rng.integers(0, 256, size=(2, 2, 16))
+        torch_loss = torch_step(x, y, gpt_torch.learning_rate_at(step, config)).item()
+        params, opt_state, jax_loss = jax_step(params, opt_state, x.astype(np.int32), y.astype(np.int32), step)
+        assert abs(torch_loss - float(jax_loss)) < 1e-4, step
+    nnx.update(jax_model, params)
+    reference = gpt_jax.GPT(tiny_config(gpt_jax, **overrides), nnx.Rngs(1))
+    copy_torch_to_jax(torch_model, reference)  # the weights torch trained, in jax's layout
+    for a, b in zip(jax.tree.leaves(nnx.state(jax_model)), jax.tree.leaves(nnx.state(reference))):
+        assert np.abs(np.asarray(a) - np.asarray(b)).max() < 1e-5
+
+
+def test_gpt_learning_rate_schedule():
+    config = gpt_torch.Config(steps=110, warmup_steps=10, learning_rate=1e-3, min_learning_rate=1e-4)
+    lr = [gpt_torch.learning_rate_at(step, config) for step in range(110)]
+    assert math.isclose(lr[0], 1e-4) and math.isclose(lr[9], 1e-3)  # linear warmup: (step + 1) / 10 of the peak
+    assert math.isclose(lr[60], 1e-4 + 0.5 * 9e-4)  # halfway through the cosine: cos(pi / 2) = 0
+    assert all(a >= b for a, b in zip(lr[9:], lr[10:])) and lr[-1] > 1e-4
+    assert lr == [gpt_jax.learning_rate_at(step, gpt_jax.Config(**vars(config))) for step in range(110)]
+
+
+def test_gpt_sinusoidal_table():
+    for module in (gpt_torch, gpt_jax):
+        for model_dim in (8, 7):
+            table = module.sinusoidal_table(12, model_dim)
+            for pos in range(12):
+                for i in range(model_dim):
+                    angle = pos / 10000 ** ((i - i % 2) / model_dim)
+                    expected = math.sin(angle) if i % 2 == 0 else math.cos(angle)
+                    assert abs(table[pos, i] - expected) < 1e-6, (pos, i)
+    torch.manual_seed(0)
+    model = gpt_torch.GPT(tiny_config(gpt_torch, position_embedding="sinusoidal"))
+    assert model.position_embedding is None
+    assert not any("sinusoidal" in name for name, _ in model.named_parameters())  # a fixed table, not learned
+
+
+def test_gpt_alibi_slopes_and_bias():
+    expected = {
+        8: [2.0**-k for k in range(1, 9)],
+        4: [2.0**-2, 2.0**-4, 2.0**-6, 2.0**-8],
+        6: [2.0**-2, 2.0**-4, 2.0**-6, 2.0**-8, 2.0**-1, 2.0**-3],  # 4-head slopes, then 8-head slopes [0::2]
+        1: [2.0**-8],
+    }
+    for module in (gpt_torch, gpt_jax):
+        for num_heads, slopes in expected.items():
+            assert np.allclose(module.alibi_slopes(num_heads), slopes, rtol=1e-6, atol=0), num_heads
+        bias = module.alibi_bias(4, 5)
+        assert bias.shape == (4, 5, 5)
+        assert bias[0, 4, 1] == -0.25 * 3 and bias[3, 2, 0] == -(2.0**-8) * 2 and bias[1, 3, 3] == 0
+        assert np.isneginf(bias[2, 1, 3])  # a future key is masked
+
+
+# ---- the scripts as a user runs them ----------------------------------------------------------------------------
+
+def test_gpt_smoke_runs():
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_tiny_corpus(tmp)
+        args = [f"--data={data}", "--seq_len=32", "--num_layers=1", "--model_dim=64", "--batch_size=8", "--steps=40",
+                "--warmup_steps=5", "--learning_rate=3e-3", "--log_interval=5", "--eval_interval=40", "--eval_steps=2",
+                "--sample_tokens=20"]
+        scripts = ("gpt_torch.py", "gpt_jax.py")
+        results = run_scripts(*([script, *args, f"--out_dir={tmp}/{script}"] for script in scripts))
+        for script, result in zip(scripts, results):
+            assert result.returncode == 0, result.stderr
+            losses = parse_losses(result.stdout)
+            assert len(losses) == 8 and losses[-1] < losses[0] - 2.0, (script, losses)  # ln 256 = 5.5 -> below 3.5
+            assert re.search(r"^eval step +40 \| train [0-9.]+ \| val [0-9.]+ \| val bpb [0-9.]+$", result.stdout, re.M)
+            assert "\nsample:\n" in result.stdout
+        assert os.path.exists(f"{tmp}/gpt_torch.py/ckpt.pt") and os.path.exists(f"{tmp}/gpt_jax.py/ckpt.npz")
+
+
+def test_gpt_cli_errors():
+    """A user's mistake: exit status 2 and exactly one line on stderr that names it; nothing is trained."""
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_tiny_corpus(tmp)
+        os.makedirs(f"{tmp}/taken")
+        for name in ("ckpt.pt", "ckpt.npz"):
+            open(f"{tmp}/taken/{name}", "wb").close()
+        cases = [  # (arguments, a word the message must contain)
+            (["--bogus=1"], "--bogus"),
+            (["--steps=abc"], "--steps"),
+            (["--resume=maybe"], "--resume"),
+            (["--model_dim=30", "--num_heads=4"], "num_heads"),
+            (["--position_embedding=rotary"], "rotary"),
+            (["--warmup_steps=50", "--steps=10"], "warmup_steps"),
+            (["--seq_len=0"], "seq_len"),
+            (["--data=/no/such/file.txt"], "/no/such/file.txt"),
+            (["--seq_len=1000"], "seq_len"),  # the corpus is too short for this context
+            (["--resume=true", f"--out_dir={tmp}/empty"], "resume"),
+            ([f"--out_dir={tmp}/taken"], "--resume=true"),  # never overwrite a checkpoint
+        ]
+        for module in (gpt_torch, gpt_jax):  # in-process: cheap, and a traceback would fail the test
+            for args, word in cases:
+                err = io.StringIO()
+                with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                    try:
+                        module.main([f"--data={data}", f"--out_dir={tmp}/out", *args])
+                        raise AssertionError(f"{module.__name__} accepted {args}")
+                    except SystemExit as exit:
+                        assert exit.code == 2, (module.__name__, args)
+                lines = err.getvalue().splitlines()
+                assert len(lines) == 1 and word in lines[0], (module.__name__, args, lines)
+        assert not os.path.exists(f"{tmp}/out")
+        for result in run_scripts(["gpt_torch.py", f"--data={data}", "--steps=abc"],  # as a user runs them
+                                  ["gpt_jax.py", f"--data={data}", "--model_dim=30"]):
+            assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result
+            assert result.stdout == "" and "Traceback" not in result.stderr
+
+
+def interrupt_at_step(module, step):
+    """Make module.get_batch raise SIGINT (what Ctrl-C sends) while drawing the batch of the given step (counted
+    from 1); returns a function that undoes it."""
+    original, calls = module.get_batch, []
+    def get_batch(*args):
+        calls.append(1)
+        if len(calls) == step:
+            signal.raise_signal(signal.SIGINT)
+        return original(*args)
+    module.get_batch = get_batch
+    return lambda: setattr(module, "get_batch", original)
+
+
+def test_gpt_torch_ctrl_c_and_resume_equal_uninterrupted():
+    """Ctrl-C at step 5 saves a checkpoint and exits 130 with one line; --resume=true then continues so that steps
+    6..10 and the final weights equal an uninterrupted 10-step run (dropout on: the RNG state continues too)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_tiny_corpus(tmp)
+        common = [f"--data={data}", "--seq_len=16", "--num_layers=1", "--model_dim=32", "--batch_size=4",
+                  "--steps=10", "--warmup_steps=2", "--dropout=0.1", "--log_interval=1", "--eval_interval=100",
+                  "--eval_steps=1", "--sample_tokens=0"]
+        whole = run_main(gpt_torch, common + [f"--out_dir={tmp}/whole"])
+        undo = interrupt_at_step(gpt_torch, 5)
+        out = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(out):
+                gpt_torch.main(common + [f"--out_dir={tmp}/part"])
+            raise AssertionError("Ctrl-C did not stop the run")
+        except SystemExit as exit:
+            assert exit.code == 130
+        finally:
+            undo()
+        assert out.getvalue().splitlines()[-1].startswith("interrupted: saved step 5 to ")
+        resumed = run_main(gpt_torch, common + [f"--out_dir={tmp}/part", "--resume=true"])
+        assert "resuming from step 5" in resumed
+        tail = lambda text: [line.split(" | ")[:2] for line in text.splitlines() if re.match(r"step +([6-9]|10)/", line)]
+        assert len(tail(whole)) == 5 and tail(whole) == tail(resumed)
+        a, b = (torch.load(f"{tmp}/{run}/ckpt.pt", weights_only=True)["model"] for run in ("whole", "part"))
+        assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_gpt_jax_checkpoint_resume_equals_uninterrupted():
+    """Save after 5 steps, restore into fresh arrays, continue: losses and weights equal 10 uninterrupted steps,
+    bit for bit (dropout on: its keys derive from the step; the optimizer's count drives the schedule)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        config = tiny_config(gpt_jax, num_layers=1, batch_size=4, steps=10, warmup_steps=2, dropout=0.1,
+                             out_dir=f"{tmp}/out")
+        tokens = np.frombuffer(open(write_tiny_corpus(tmp), "rb").read(), dtype=np.uint8)
+        optimizer = gpt_jax.make_optimizer(config)
+
+        def fresh():
+            graphdef, state = nnx.split(gpt_jax.GPT(config, nnx.Rngs(0)))
+            params = nnx.to_pure_dict(state)
+            return graphdef, params, optimizer.init(params)
+
+        def train(params, opt_state, rng, steps):
+            losses = []
+            for step in steps:
+                params, opt_state, loss = train_step(params, opt_state, *gpt_jax.get_batch(tokens, rng, config), step)
+                losses.append(float(loss))
+            return params, opt_state, losses
+
+        graphdef, params, opt_state = fresh()
+        train_step, _ = gpt_jax.make_steps(graphdef, optimizer, jax.random.key(1))
+        whole_params, _, whole = train(params, opt_state, np.random.default_rng(config.seed), range(10))
+        _, params, opt_state = fresh()
+        rng = np.random.default_rng(config.seed)
+        params, opt_state, first = train(params, opt_state, rng, range(5))
+        gpt_jax.save_checkpoint(params, opt_state, 5, rng, config)
+        checkpoint = gpt_jax.open_checkpoint(dataclasses.replace(config, resume=True))
+        _, params, opt_state = fresh()
+        rng = np.random.default_rng(12345)  # the checkpoint puts the data stream back
+        params, opt_state, step = gpt_jax.restore_checkpoint(checkpoint, params, opt_state, rng)
+        params, _, second = train(params, opt_state, rng, range(step, 10))
+        assert step == 5 and first + second == whole
+        assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(whole_params), jax.tree.leaves(params)))
+
+
+# -----------------------------------------------------------------------------
+# BPE: bpe.py
+
+
+BPE_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe.py")
+
+
+def _random_words_text(seed, num_words):
+    """Text from a small seeded vocabulary of made-up words: many pairs tie on count."""
+    rng = random.Random(seed)
+    letters = "abcdeist"
+    vocab = ["".join(rng.choice(letters) for _ in range(rng.randint(1, 6))) for _ in range(40)]
+    vocab += ["été", "дом", "кот", "日本", "中文", "😀", "x1", "42", "1999", "don't", "WE'LL"]
+    separators = [" ", " ", " ", ", ", ". ", "\n", "\n\n", "  ", "\t", "!? "]
+    return "".join(rng.choice(vocab) + rng.choice(separators) for _ in range(num_words))
+
+
+def _random_unicode(rng, length):
+    """Random text mixing scripts, emoji (ZWJ sequences, flags, skin tones), combining marks, whitespace runs."""
+    pieces = ["👨\u200d👩\u200d👧\u200d👦", "🏳\ufe0f\u200d🌈", "🇯🇵", "👍🏽", "e\u0301", "a\u0308\u0323", "\u200d",
+              " ", "  ", "\t", "\n", "\r\n", "\n\n\n", " \t \n", "\u00a0", "\u3000", "'s", "'LL", "1234567", "_",
+              "<|", "|>", "\ufeff", "\x00"]
+    ranges = [(0x20, 0x7E), (0x400, 0x4FF), (0x600, 0x6FF), (0x4E00, 0x9FFF), (0x1F300, 0x1FAFF),
+              (0x300, 0x36F), (0xAC00, 0xD7A3), (0x0, 0x10FFFF)]
+    out = []
+    for _ in range(length):
+        if rng.random() < 0.3:
+            out.append(rng.choice(pieces))
+        else:
+            low, high = rng.choice(ranges)
+            code = rng.randint(low, high)
+            out.append(chr(code) if not 0xD800 <= code <= 0xDFFF else "?")  # surrogates are not text
+    return "".join(out)
+
+
+def _replay_encode(merges, text):
+    """Reference encoder, independent of Tokenizer.encode: apply every merge, in training order, to each chunk."""
+    ids = []
+    for chunk in bpe.SPLIT_RE.findall(text):
+        tokens = list(chunk.encode("utf-8"))
+        for rank, (left, right) in enumerate(merges):
+            out = []
+            for token in tokens:
+                if out and out[-1] == left and token == right:  # 256 + rank never equals left, so "aaa" -> [aa, a]
+                    out[-1] = 256 + rank
+                else:
+                    out.append(token)
+            tokens = out
+        ids.extend(tokens)
+    return ids
+
+
+def test_bpe_split_pattern_by_hand():
+    # Worked through GPT-4's cl100k pattern by hand: a space before a digit or before another space
+    # stays alone, digits go in threes, punctuation keeps its trailing newlines.
+    text = "Hello world's 12345 ok!!\n\n  x"
+    assert bpe.SPLIT_RE.findall(text) == ["Hello", " world", "'s", " ", "123", "45", " ok", "!!\n\n", " ", " x"]
+    assert bpe.SPLIT_RE.findall("I'M here_now\tdon't") == ["I", "'M", " here", "_now", "\tdon", "'t"]
+    rng = random.Random(1)
+    for _ in range(200):  # no character is ever dropped by the split
+        text = _random_unicode(rng, 40)
+        assert "".join(bpe.SPLIT_RE.findall(text)) == text
+
+
+def test_bpe_worked_example():
+    # "aaabdaaabac" is one chunk. By hand (a=97, b=98, c=99, d=100):
+    #   pairs aa:4 ab:2 bd:1 da:1 ba:1 ac:1           -> merge (97, 97) = 256 "aa"
+    #   text  [256 a b d 256 a b a c]; pairs (256,a):2 (a,b):2, others 1
+    #         tie at 2: the smaller pair (97, 98) wins -> merge (97, 98) = 257 "ab"
+    #   text  [256 257 d 256 257 a c]; (256,257):2     -> merge (256, 257) = 258 "aaab"
+    #   text  [258 d 258 a c]; every pair occurs once  -> stop early, although 300 allows 44 merges
+    for trainer in (bpe.train, bpe.train_slow):
+        tokenizer = trainer("aaabdaaabac", 300)
+        assert tokenizer.merges == [(97, 97), (97, 98), (256, 257)]
+        assert tokenizer.token_bytes[258] == b"aaab"
+        assert tokenizer.encode("aaabdaaabac") == [258, 100, 258, 97, 99]
+        assert tokenizer.vocab_size == 259
+
+
+def test_bpe_merge_order_matters():
+    # Merges overlap on "b": whichever was learned first wins, as in training.
+    assert bpe.Tokenizer([(97, 98), (98, 99)]).encode("abc") == [256, 99]
+    assert bpe.Tokenizer([(98, 99), (97, 98)]).encode("abc") == [97, 256]
+    # Ranks, not position: the later pair (256, 256) "abab" is only formed after both "ab"s are.
+    assert bpe.Tokenizer([(97, 98), (256, 256)]).encode("ababab") == [257, 256]
+
+
+def test_bpe_roundtrip_random_unicode():
+    train_text = _random_words_text(0, 400) + _random_unicode(random.Random(2), 300)
+    tokenizer = bpe.train(train_text, 400)
+    assert len(tokenizer.merges) > 50
+    assert any(len(t) > 1 and t[0] >= 0x80 for t in tokenizer.token_bytes)  # some multi-byte merges exist
+    rng = random.Random(3)
+    for _ in range(100):
+        text = _random_unicode(rng, rng.randint(0, 60))
+        ids = tokenizer.encode_ordinary(text)
+        assert tokenizer.decode(ids) == text
+        assert b"".join(tokenizer.token_bytes[i] for i in ids) == text.encode("utf-8")
+        assert ids == _replay_encode(tokenizer.merges, text)
+    assert tokenizer.encode(train_text) == _replay_encode(tokenizer.merges, train_text)
+    assert tokenizer.decode([0xE4, 0xB8]) == "\ufffd"  # two bytes of a three-byte character: one U+FFFD
+
+
+def test_bpe_fast_trainer_equals_slow():
+    text = _random_words_text(4, 800)  # about 4 KB
+    assert 3000 < len(text.encode("utf-8")) < 8000
+    for vocab_size in (300, 400, 5000):  # 5000 runs until no pair occurs twice
+        fast, slow = bpe.train(text, vocab_size), bpe.train_slow(text, vocab_size)
+        assert fast.merges == slow.merges
+        assert len(fast.merges) == min(vocab_size - 256, len(slow.merges))
+    assert len(fast.merges) < 5000 - 256  # the early stop was reached
+    specials = ["<|endoftext|>"]
+    text = "<|endoftext|>".join(_random_words_text(seed, 60) for seed in range(5))
+    assert bpe.train(text, 330, specials).merges == bpe.train_slow(text, 330, specials).merges
+
+
+def test_bpe_special_tokens():
+    # Special tokens take no part in training: with them cut out, only the chunk "ab" remains.
+    tokenizer = bpe.train("<|endoftext|>".join(["ab"] * 50), 300, ["<|endoftext|>", "<|pad|>"])
+    assert tokenizer.merges == [(97, 98)]
+    assert tokenizer.special_tokens == {"<|endoftext|>": 257, "<|pad|>": 258}
+    assert tokenizer.token_bytes[257] == b"<|endoftext|>"
+    text = "ab<|endoftext|> ab<|pad|>"
+    assert tokenizer.encode(text, allowed_special="all") == [256, 257, 32, 256, 258]
+    assert tokenizer.encode(text, allowed_special={"<|endoftext|>", "<|pad|>"}) == [256, 257, 32, 256, 258]
+    for refused in ("none", {"<|pad|>"}, set()):
+        try:
+            tokenizer.encode(text, allowed_special=refused)
+            assert False, f"allowed_special={refused!r} should refuse <|endoftext|>"
+        except ValueError:
+            pass
+    try:
+        tokenizer.encode(text)  # the default refuses
+        assert False
+    except ValueError:
+        pass
+    ids = tokenizer.encode_ordinary(text)  # as plain text: many byte tokens, no special id
+    assert 257 not in ids and 258 not in ids and tokenizer.decode(ids) == text
+    assert tokenizer.encode("ab ab") == [256, 32, 256]  # no special string: the default is fine
+    # With a vocabulary of 257 and one special, there is no room for merges.
+    assert bpe.train("aaaa", 257, ["<|endoftext|>"]).merges == []
+
+
+def test_bpe_save_load():
+    tokenizer = bpe.train(_random_words_text(5, 500), 350, ["<|endoftext|>"])
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "tok.json")
+        tokenizer.save(path)
+        loaded = bpe.Tokenizer.load(path)
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+        state["token_bytes"][300] = "41"
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(state, f)
+        try:
+            bpe.Tokenizer.load(path)
+            assert False, "an edited token_bytes must be caught"
+        except ValueError:
+            pass
+        tokenizer.save_vocab(os.path.join(folder, "tok.vocab.txt"))
+        with open(os.path.join(folder, "tok.vocab.txt"), encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    assert loaded.merges == tokenizer.merges
+    assert loaded.special_tokens == tokenizer.special_tokens
+    assert loaded.token_bytes == tokenizer.token_bytes
+    assert [bytes.fromhex(h) for h in state["token_bytes"][:300]] == tokenizer.token_bytes[:300]
+    rng = random.Random(6)
+    for _ in range(30):
+        text = _random_unicode(rng, 40) + "<|endoftext|>" + _random_words_text(rng.randint(0, 99), 10)
+        assert loaded.encode(text, allowed_special="all") == tokenizer.encode(text, allowed_special="all")
+    assert len(lines) == tokenizer.vocab_size
+    assert lines[10] == "    10  '\\n'" and lines[-1].endswith("'<|endoftext|>'  (special)")
+
+
+def _run_cli(folder, *args):
+    return subprocess.run([sys.executable, BPE_PY, *args], cwd=folder, capture_output=True, text=True, timeout=60)
+
+
+def test_bpe_cli_roundtrip():
+    with tempfile.TemporaryDirectory() as folder:
+        # BOM, CRLF, no final newline, a special token's string: all must come back byte for byte.
+        raw = ("\ufeff" + _random_words_text(7, 600) + "<|endoftext|>\r\n" + _random_unicode(random.Random(8), 200)
+               + "\r\nend").encode("utf-8")
+        with open(os.path.join(folder, "corpus.v2.txt"), "wb") as f:
+            f.write(raw)
+        result = _run_cli(folder, "--data=corpus.v2.txt", "--vocab_size=300")
+        assert result.returncode == 0, result.stderr
+        assert "bytes per token" in result.stdout
+        ids = np.load(os.path.join(folder, "corpus.bpe300.npy"))
+        with open(os.path.join(folder, "corpus.bpe300.json"), encoding="utf-8") as f:
+            token_bytes = [bytes.fromhex(h) for h in json.load(f)["token_bytes"]]  # all a model script reads
+        assert os.path.exists(os.path.join(folder, "corpus.bpe300.vocab.txt"))
+    assert ids.dtype == np.uint16 and len(token_bytes) == 300
+    assert b"".join(token_bytes[i] for i in ids.tolist()) == raw
+    assert len(ids) < len(raw) * 0.8  # the merges do compress
+    assert ids.tolist().count(token_bytes.index(b"<|endoftext|>")) == 1
+
+
+def test_bpe_cli_bad_input():
+    with tempfile.TemporaryDirectory() as folder:
+        with open(os.path.join(folder, "latin1.txt"), "wb") as f:
+            f.write("caf\u00e9 ol\u00e9".encode("latin-1"))
+        with open(os.path.join(folder, "ok.txt"), "w", encoding="utf-8") as f:
+            f.write("hello hello")
+        bad_calls = [["--data=missing.txt"], ["--data=latin1.txt"], ["--data=ok.txt", "--vocab_size=100"],
+                     ["--data=ok.txt", "--vocab_size=10000000000"], ["--data=ok.txt", "--vocab_size=abc"],
+                     ["--data=ok.txt", "--bogus=1"], ["--data=ok.txt", "--vocab"]]
+        processes = [subprocess.Popen([sys.executable, BPE_PY, *args], cwd=folder, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True) for args in bad_calls]
+        for args, process in zip(bad_calls, processes):
+            stdout, stderr = process.communicate(timeout=60)
+            assert process.returncode == 2, (args, process.returncode, stderr)
+            assert stdout == "" and stderr.endswith("\n") and stderr.count("\n") == 1, (args, stderr)
+            assert "Traceback" not in stderr
+        assert sorted(os.listdir(folder)) == ["latin1.txt", "ok.txt"]  # nothing written
+
+
+def test_bpe_corpus_trains_gpt_and_reports_bits_per_byte():
+    # bpe.py tokenizes a corpus; gpt_torch.py trains on the .npy, its loss falls, and its val bits per
+    # byte equals val loss / ln 2 * (val tokens / val bytes), counted here from the files alone; the
+    # floor file of the text (<name>.floor.json) is found from the tokenized corpus's name.
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_tiny_corpus(tmp)
+        with open(os.path.join(tmp, "tiny.floor.json"), "w") as f:
+            json.dump({"train_bpb": 0.25, "val_bpb": 0.125}, f)
+        assert _run_cli(tmp, "--data=tiny.txt", "--vocab_size=300").returncode == 0
+        npy = os.path.join(tmp, "tiny.bpe300.npy")
+        result = run_script("gpt_torch.py", f"--data={npy}", "--seq_len=16", "--num_layers=1", "--model_dim=32",
+                            "--batch_size=8", "--steps=30", "--warmup_steps=3", "--learning_rate=3e-3",
+                            "--log_interval=5", "--eval_interval=30", "--eval_steps=2", "--sample_tokens=10",
+                            f"--out_dir={tmp}/out")
+        assert result.returncode == 0, result.stderr
+        losses = parse_losses(result.stdout)
+        assert losses[-1] < losses[0] - 1.0, losses
+        val_loss, bpb, floor = map(float, re.search(
+            r"\| val ([0-9.]+) \| val bpb ([0-9.]+) \| floor ([0-9.]+)", result.stdout).groups())
+        ids = np.load(npy)
+        token_bytes = json.load(open(os.path.join(tmp, "tiny.bpe300.json")))["token_bytes"]
+        val = ids[int(0.9 * len(ids)):]
+        val_bytes = sum(len(token_bytes[i]) // 2 for i in val.tolist())  # two hex digits a byte
+        assert abs(bpb - val_loss / math.log(2) * len(val) / val_bytes) < 2e-3
+        assert floor == 0.125 and "sample:" in result.stdout
+
+
+# -----------------------------------------------------------------------------
+# Llama: llama_torch.py and llama_jax.py
+
+
+# ---- Llama helpers ----------------------------------------------------------------------------------------------
+
+def llama_config(module, **overrides):
+    fields = dict(vocab_size=61, seq_len=16, num_layers=2, num_heads=4, num_kv_heads=2, model_dim=32)
+    fields.update(overrides)
+    return module.Config(**fields)
+
+
+def build_llama_pair(config_overrides, seed=0):
+    """The same Llama in both frameworks: torch initializes, the weights are copied into jax. The RMSNorm weights
+    are moved off 1 so that a norm weight applied in the wrong place would show."""
+    torch.set_num_threads(1)  # tiny models: a second thread only waits, and stalls on a busy 2-core machine
+    torch.manual_seed(seed)
+    torch_model = llama_torch.Llama(llama_config(llama_torch, **config_overrides)).eval()
+    with torch.no_grad():
+        for name, parameter in torch_model.named_parameters():
+            if parameter.ndim == 1:
+                parameter.uniform_(0.5, 1.5)
+    jax_model = llama_jax.Llama(llama_config(llama_jax, **config_overrides), nnx.Rngs(seed))
+    copy_torch_to_jax(torch_model, jax_model)
+    return torch_model, jax_model
+
+
+def torch_logits(model, tokens, **kwargs):
+    with torch.no_grad():
+        return model(torch.from_numpy(np.asarray(tokens, np.int64)), **kwargs)[0].numpy()
+
+
+# ---- model ------------------------------------------------------------------------------------------------------
+
+def test_llama_shapes_and_initial_loss():
+    tokens, targets = np.random.default_rng(0).integers(0, 61, size=(2, 3, 16))
+    torch.manual_seed(0)
+    logits, loss = llama_torch.Llama(llama_config(llama_torch))(torch.from_numpy(tokens), torch.from_numpy(targets))
+    assert tuple(logits.shape) == (3, 16, 61)
+    assert abs(loss.item() - math.log(61)) < 0.2  # N(0, 0.02) init: near-uniform predictions
+    logits, loss = llama_jax.Llama(llama_config(llama_jax), nnx.Rngs(0))(jnp.asarray(tokens), jnp.asarray(targets))
+    assert logits.shape == (3, 16, 61)
+    assert abs(float(loss) - math.log(61)) < 0.2
+
+
+def test_llama_parameter_count_and_init():
+    # By hand: head_dim 8, 2 kv heads of 8; ffn_dim = 8 * 32 // 3 = 85, rounded up to 96; no biases anywhere.
+    model_dim, kv_dim, ffn_dim, vocab_size = 32, 16, 96, 61
+    per_block = 2 * model_dim * model_dim + 2 * model_dim * kv_dim + 3 * model_dim * ffn_dim + 2 * model_dim
+    untied = 2 * vocab_size * model_dim + 2 * per_block + model_dim
+    torch_model, jax_model = build_llama_pair({})
+    assert sum(p.numel() for p in torch_model.parameters()) == untied
+    assert sum(p.size for p in jax.tree.leaves(nnx.state(jax_model, nnx.Param))) == untied
+    # tied: the head is the token embedding; qk_norm: two RMSNorms of head_dim (8) per block
+    tied = dict(tie_embeddings=True, qk_norm=True)
+    torch.manual_seed(0)
+    assert sum(p.numel() for p in llama_torch.Llama(llama_config(llama_torch, **tied)).parameters()) \
+        == untied - vocab_size * model_dim + 2 * 2 * 8
+    jax_tied = llama_jax.Llama(llama_config(llama_jax, **tied), nnx.Rngs(0))
+    assert sum(p.size for p in jax.tree.leaves(nnx.state(jax_tied, nnx.Param))) == untied - vocab_size * model_dim + 2 * 2 * 8
+    # Llama's width rule: int(8/3 * model_dim) rounded up to a multiple of 32; a positive ffn_dim overrides it
+    for module in (llama_torch, llama_jax):
+        assert [module.llama_ffn_dim(d) for d in (32, 64, 96, 128, 4096)] == [96, 192, 256, 352, 10944]
+    assert llama_torch.Llama(llama_config(llama_torch, ffn_dim=40)).blocks[0].ffn.up.weight.shape == (40, 32)
+    # init: N(0, 0.02); out_proj and down N(0, 0.02 / sqrt(2 * num_layers)); RMSNorm weights 1
+    torch.manual_seed(0)
+    big = dict(model_dim=256, num_heads=8, num_layers=8)
+    jax_big = llama_jax.Llama(llama_config(llama_jax, **big), nnx.Rngs(0))
+    for weights in (llama_torch.Llama(llama_config(llama_torch, **big)).blocks[3], jax_big.blocks[3]):
+        std = lambda module: float(np.asarray(module.weight.detach() if hasattr(module, "weight")
+                                              else module.kernel[...]).std())
+        assert abs(std(weights.ffn.up) - 0.02) < 0.001 and abs(std(weights.attn.query) - 0.02) < 0.001
+        assert abs(std(weights.ffn.down) - 0.02 / 4) < 0.0003 and abs(std(weights.attn.out_proj) - 0.02 / 4) < 0.0003
+        assert np.all(np.asarray(weights.attn_norm.weight.detach() if hasattr(weights.attn_norm.weight, "detach")
+                                 else weights.attn_norm.weight[...]) == 1)
+
+
+def test_llama_causality():
+    """Changing the tokens after position t leaves the logits at positions <= t unchanged."""
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, 61, size=(2, 16))
+    changed = tokens.copy()
+    changed[:, 9:] = rng.integers(0, 61, size=(2, 7))
+    torch_model, jax_model = build_llama_pair(dict(qk_norm=True))
+    a, b = (torch_logits(torch_model, t) for t in (tokens, changed))
+    c, d = (np.asarray(jax_model(jnp.asarray(t))[0]) for t in (tokens, changed))
+    for before, after in ((a, b), (c, d)):
+        assert np.allclose(before[:, :9], after[:, :9], atol=1e-5)
+        assert not np.allclose(before[:, 9:], after[:, 9:], atol=1e-3)  # the change is seen
+
+
+def test_llama_torch_jax_parity():
+    """The same weights give the same logits and loss in both frameworks: query/kv head ratios 1, 2 and 4, each
+    with QK-norm off and on; YaRN with factor 2 over 2 * seq_len tokens; tied embeddings."""
+    cases = [dict(num_kv_heads=kv, qk_norm=qk) for kv in (4, 2, 1) for qk in (False, True)]
+    cases += [dict(rope_scaling=2.0, qk_norm=True), dict(tie_embeddings=True, num_kv_heads=1)]
+    for overrides in cases:
+        torch_model, jax_model = build_llama_pair(overrides)
+        tokens = np.random.default_rng(2).integers(0, 61, size=(2, torch_model.max_len + 1))
+        x, y = tokens[:, :-1], tokens[:, 1:]
+        with torch.no_grad():
+            logits, loss = torch_model(torch.from_numpy(x), torch.from_numpy(y))
+        jax_logits, jax_loss = jax_model(jnp.asarray(x), jnp.asarray(y))
+        assert np.abs(logits.numpy() - np.asarray(jax_logits)).max() < 1e-4, overrides
+        assert abs(loss.item() - float(jax_loss)) < 1e-4, overrides
+        assert np.abs(logits.numpy()).max() > 0.1  # the comparison is not between two near-zero outputs
+
+
+def test_llama_training_steps_match_across_frameworks():
+    """Three AdamW steps from the same weights on the same batches agree: same schedule step counting, same
+    weight-decay mask (RMSNorm weights not decayed), same clipping, RoPE tables not trained."""
+    overrides = dict(steps=3, warmup_steps=2, learning_rate=1e-2, min_learning_rate=1e-3, grad_clip=0.5, qk_norm=True)
+    torch_model, jax_model = build_llama_pair(overrides)
+    torch_model.train()
+    config = llama_config(llama_torch, **overrides)
+    torch_optimizer = llama_torch.make_optimizer(torch_model, config)
+    jax_optimizer = llama_jax.make_optimizer(llama_config(llama_jax, **overrides))
+    graphdef, params, buffers = nnx.split(jax_model, nnx.Param, ...)
+    opt_state = jax_optimizer.init(params)
+    train_step, _ = llama_jax.make_steps(graphdef, buffers, jax_optimizer)
+    rng = np.random.default_rng(3)
+    for step in range(3):
+        x = rng.integers(0, 61, size=(2, 16))
+        y = np.roll(x, -1, axis=1)
+        for group in torch_optimizer.param_groups:
+            group["lr"] = llama_torch.learning_rate_at(step, config)
+        _, loss = torch_model(torch.from_numpy(x), torch.from_numpy(y))
+        torch_optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(torch_model.parameters(), config.grad_clip)
+        torch_optimizer.step()
+        params, opt_state, jax_loss = train_step(params, opt_state, x.astype(np.int32), y.astype(np.int32))
+        assert abs(loss.item() - float(jax_loss)) < 1e-4
+    nnx.update(jax_model, params)
+    kernel = np.asarray(jax_model.blocks[1].ffn.down.kernel[...])
+    assert np.abs(torch_model.blocks[1].ffn.down.weight.detach().numpy().T - kernel).max() < 1e-5
+    norm = np.asarray(jax_model.blocks[0].attn.key_norm.weight[...])
+    assert np.abs(torch_model.blocks[0].attn.key_norm.weight.detach().numpy() - norm).max() < 1e-5
+    assert np.array_equal(np.asarray(jax_model.cos[...]), torch_model.cos.numpy())  # untouched by the optimizer
+
+
+def test_llama_kv_cache_matches_full_forward():
+    """Prefill a prompt into the cache, then decode one token at a time: each step's logits equal those of one
+    full forward pass over the same tokens. YaRN factor 2 lets the sequence run past seq_len into max_len."""
+    for overrides in (dict(), dict(rope_scaling=2.0, num_kv_heads=1, qk_norm=True)):
+        torch_model, jax_model = build_llama_pair(overrides)
+        length, prompt = torch_model.max_len, 5
+        tokens = np.random.default_rng(3).integers(0, 61, size=(2, length))
+        graphdef, state = nnx.split(jax_model)
+
+        @jax.jit  # as generation runs it: compiled once for the prompt, once for a single token
+        def jax_step(state, tokens, cache, position):
+            logits, _ = nnx.merge(graphdef, state)(tokens, cache=cache, position=position)
+            return logits, cache
+
+        torch_cache, jax_cache = torch_model.new_cache(2), jax_model.new_cache(2)
+        torch_steps = [torch_logits(torch_model, tokens[:, :prompt], cache=torch_cache, position=0)]
+        logits, jax_cache = jax_step(state, tokens[:, :prompt], jax_cache, 0)
+        jax_steps = [np.asarray(logits)]
+        for position in range(prompt, length):
+            torch_steps.append(torch_logits(torch_model, tokens[:, position : position + 1], cache=torch_cache,
+                                            position=position))
+            logits, jax_cache = jax_step(state, tokens[:, position : position + 1], jax_cache, position)
+            jax_steps.append(np.asarray(logits))
+        full = torch_logits(torch_model, tokens)  # (2, length, vocab_size)
+        assert np.abs(np.concatenate(torch_steps, axis=1) - full).max() < 1e-5, overrides
+        assert np.abs(np.concatenate(jax_steps, axis=1) - np.asarray(jax_model(jnp.asarray(tokens))[0])).max() < 1e-5
+        assert jax_cache[0][0].shape == torch_cache[0][0].shape == (2, jax_model.num_kv_heads, length, 8)
+
+
+def test_llama_generate_with_and_without_cache():
+    """Greedy sampling (top_k=1) picks the same tokens with the cache as by rerunning the whole context; past
+    max_len, the cached path keeps the last half of the context and goes on, as a slow reference built from full
+    forward passes does."""
+    torch_model, jax_model = build_llama_pair({})
+    prompt, max_len = [1, 2, 3, 4], torch_model.max_len
+    reference, start = list(prompt), 0  # start: where the cached context begins
+    for _ in range(3 * max_len):
+        if len(reference) - start > max_len:  # the cache is full: keep the last half
+            start = len(reference) - max_len // 2
+        reference.append(int(torch_logits(torch_model, [reference[start:]])[0, -1].argmax()))
+    for generate in (lambda *args, **kw: llama_torch.generate(torch_model, prompt, *args, 1.0, 1, **kw),
+                     lambda *args, **kw: llama_jax.generate(jax_model, prompt, *args, 1.0, 1, jax.random.key(0), **kw)):
+        recomputed = generate(max_len - len(prompt), use_cache=False)
+        assert recomputed == reference[:max_len]
+        assert generate(3 * max_len, use_cache=True) == reference
+    torch.manual_seed(0)
+    sampled = llama_torch.generate(torch_model, prompt, 20, 1.0, 0)
+    assert len(set(sampled[len(prompt):])) > 5  # temperature 1 over all tokens: random weights, varied draws
+
+
+def test_llama_rope_depends_only_on_distance():
+    """RoPE's defining property (Su et al. 2021, eq. 16): rotate(q, m) . rotate(k, n) depends on m - n only."""
+    cos, sin = llama_torch.rope_tables(llama_config(llama_torch, seq_len=64), 64)  # (64, head_dim)
+    rng = np.random.default_rng(4)
+    query, key = rng.standard_normal((2, 8)).astype(np.float32)
+    for apply in (lambda x, p: llama_torch.apply_rope(torch.from_numpy(x), torch.from_numpy(cos[p]),
+                                                      torch.from_numpy(sin[p])).numpy(),
+                  lambda x, p: np.asarray(llama_jax.apply_rope(jnp.asarray(x), cos[p], sin[p]))):
+        scores = [apply(query, m) @ apply(key, n) for m, n in ((7, 3), (30, 26), (63, 59))]
+        assert max(scores) - min(scores) < 1e-5, scores
+        assert abs(apply(query, 7) @ apply(key, 3) - apply(query, 7) @ apply(key, 4)) > 1e-3  # it sees distance
+        assert np.isclose(np.linalg.norm(apply(query, 40)), np.linalg.norm(query))  # a rotation keeps the norm
+        assert np.allclose(apply(query, 0), query)  # position 0: no rotation
+
+
+def test_llama_yarn_frequencies():
+    """Factor 1 is plain RoPE bit for bit; for s > 1 each frequency follows the ramp of Peng et al. 2023 (eq. 17-20):
+    kept where r = seq_len / wavelength > beta, divided by s where r < alpha, blended linearly in r in between; cos
+    and sin carry the attention factor 0.1 ln s + 1 (section 3.4). Expected values computed here with math."""
+    head_dim, base, seq_len = 32, 10000.0, 1024
+    positions = np.arange(300, dtype=np.float64)[:, None]
+    plain = base ** (-np.arange(0, head_dim, 2) / head_dim)
+    for module in (llama_torch, llama_jax):
+        cos, sin = module.rope_tables(llama_config(module, model_dim=4 * head_dim, seq_len=seq_len), 300)
+        assert np.array_equal(cos, np.cos(np.concatenate([positions * plain] * 2, axis=1)).astype(np.float32))
+        assert np.array_equal(sin, np.sin(np.concatenate([positions * plain] * 2, axis=1)).astype(np.float32))
+    for scale, alpha, beta in ((4.0, 1.0, 32.0), (2.5, 2.0, 8.0)):
+        config = llama_config(llama_torch, model_dim=4 * head_dim, seq_len=seq_len, rope_scaling=scale,
+                              yarn_alpha=alpha, yarn_beta=beta)
+        theta, factor = llama_torch.rope_frequencies(config)
+        assert abs(factor - (0.1 * math.log(scale) + 1)) < 1e-12
+        regimes = set()
+        for i in range(head_dim // 2):
+            original = base ** (-2 * i / head_dim)
+            r = seq_len / (2 * math.pi / original)
+            if r > beta:
+                expected = original
+            elif r < alpha:
+                expected = original / scale
+            else:
+                ramp = (r - alpha) / (beta - alpha)
+                expected = (1 - ramp) * original / scale + ramp * original
+            regimes.add("kept" if r > beta else "interpolated" if r < alpha else "ramp")
+            assert abs(theta[i] - expected) <= 1e-12 * original, (i, theta[i], expected)
+        assert regimes == {"kept", "interpolated", "ramp"}  # the cases cover all three
+        cos, sin = llama_jax.rope_tables(config, 300)
+        assert np.allclose(cos[0], factor) and np.allclose(sin[0], 0)  # position 0: cos 1, times the factor
+        angle = 250 * theta[5]
+        assert np.allclose([cos[250, 5], sin[250, 5 + head_dim // 2]],
+                           [factor * math.cos(angle), factor * math.sin(angle)])
+
+
+# ---- the scripts as a user runs them ----------------------------------------------------------------------------
+
+def test_llama_smoke_runs():
+    """Both twins as a user runs them (side by side: the two processes run at once): the loss falls, an eval line,
+    a sample, a checkpoint."""
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_tiny_corpus(tmp)
+        processes = {script: subprocess.Popen(
+            [sys.executable, script, f"--data={data}", f"--out_dir={tmp}/{script}", "--seq_len=32", "--num_layers=2",
+             "--model_dim=64", "--batch_size=8", "--steps=40", "--warmup_steps=5", "--learning_rate=3e-3",
+             "--log_interval=5", "--eval_interval=40", "--eval_steps=2", "--sample_tokens=20"], cwd=ROOT, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
+            for script in ("llama_torch.py", "llama_jax.py")}
+        for script, process in processes.items():
+            stdout, stderr = process.communicate(timeout=120)
+            assert process.returncode == 0, stderr
+            losses = parse_losses(stdout)
+            assert len(losses) == 8 and losses[-1] < losses[0] - 2.0, (script, losses)  # ln 256 = 5.5 -> below 3.5
+            assert re.search(r"^eval step +40 \| train [0-9.]+ \| val [0-9.]+ \| val bpb [0-9.]+$", stdout, re.M)
+            assert "\nsample:\n" in stdout and os.path.exists(f"{tmp}/{script}/ckpt." + ("pt" if "torch" in script else "npz"))
+
+
+def test_llama_cli_errors():
+    """A user's mistake: exit status 2 and exactly one line on stderr that names it; nothing is trained."""
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_tiny_corpus(tmp)
+        os.makedirs(f"{tmp}/taken")
+        for name in ("ckpt.pt", "ckpt.npz"):
+            open(f"{tmp}/taken/{name}", "wb").close()
+        cases = [  # (arguments, a word the message must contain)
+            (["--bogus=1"], "--bogus"),
+            (["--num_kv_heads=3"], "num_kv_heads"),  # 4 query heads cannot share 3 kv heads
+            (["--num_kv_heads=0"], "num_kv_heads"),
+            (["--model_dim=30", "--num_heads=4"], "num_heads"),
+            (["--model_dim=12", "--num_heads=4", "--num_kv_heads=4"], "even"),  # head_dim 3: RoPE needs pairs
+            (["--rope_scaling=0.5"], "rope_scaling"),
+            (["--yarn_alpha=40"], "yarn_beta"),
+            (["--ffn_dim=-1"], "ffn_dim"),
+            (["--qk_norm=maybe"], "--qk_norm"),
+            (["--dropout=0.1"], "--dropout"),  # Llama has no dropout
+            (["--warmup_steps=50", "--steps=10"], "warmup_steps"),
+            (["--data=/no/such/file.txt"], "/no/such/file.txt"),
+            (["--seq_len=1000"], "seq_len"),  # the corpus is too short for this context
+            (["--resume=true", f"--out_dir={tmp}/empty"], "resume"),
+            ([f"--out_dir={tmp}/taken"], "--resume=true"),  # never overwrite a checkpoint
+        ]
+        for module in (llama_torch, llama_jax):  # in-process: cheap, and a traceback would fail the test
+            for args, word in cases:
+                err = io.StringIO()
+                with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                    try:
+                        module.main([f"--data={data}", f"--out_dir={tmp}/out", *args])
+                        raise AssertionError(f"{module.__name__} accepted {args}")
+                    except SystemExit as exit:
+                        assert exit.code == 2, (module.__name__, args)
+                lines = err.getvalue().splitlines()
+                assert len(lines) == 1 and word in lines[0], (module.__name__, args, lines)
+        assert not os.path.exists(f"{tmp}/out")
+        for script, args in (("llama_torch.py", ["--num_kv_heads=3"]), ("llama_jax.py", ["--rope_scaling=0.5"])):
+            result = run_script(script, f"--data={data}", f"--out_dir={tmp}/out", *args)  # as a user
+            assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, (script, args, result.stderr)
+            assert result.stdout == "" and "Traceback" not in result.stderr
+
+
+def test_llama_resume_equals_uninterrupted():
+    """Train 6 steps, save, resume to 12: the losses of steps 7..12 and the final weights equal an uninterrupted
+    12-step run. learning_rate == min_learning_rate keeps the schedule independent of --steps."""
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_tiny_corpus(tmp)
+        common = [f"--data={data}", "--seq_len=16", "--num_layers=1", "--model_dim=32", "--batch_size=4",
+                  "--warmup_steps=2", "--learning_rate=1e-3", "--min_learning_rate=1e-3", "--qk_norm=true",
+                  "--log_interval=1", "--eval_interval=100", "--eval_steps=1", "--sample_tokens=0"]
+        for module, checkpoint in ((llama_torch, "ckpt.pt"), (llama_jax, "ckpt.npz")):
+            whole = run_main(module, common + [f"--out_dir={tmp}/whole", "--steps=12"])
+            run_main(module, common + [f"--out_dir={tmp}/part", "--steps=6"])
+            resumed = run_main(module, common + [f"--out_dir={tmp}/part", "--steps=12", "--resume=true"])
+            assert "resuming from step 6" in resumed
+            tail = lambda out: [line.split(" | ")[:2] for line in out.splitlines() if re.match(r"step +([7-9]|1\d)/", line)]
+            assert len(tail(whole)) == 6 and tail(whole) == tail(resumed), module.__name__
+            if module is llama_torch:
+                a, b = (torch.load(f"{tmp}/{run}/{checkpoint}", weights_only=True)["model"] for run in ("whole", "part"))
+                assert all(torch.equal(a[name], b[name]) for name in a)
+            else:
+                a, b = (np.load(f"{tmp}/{run}/{checkpoint}") for run in ("whole", "part"))
+                assert all(np.array_equal(a[name], b[name]) for name in a.files if name != "meta")
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,501 @@
+"""GPT-2 in JAX (flax.nnx + optax), in one file: a decoder-only transformer trained to predict the next byte/token.
+
+Follows GPT-2 (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners"): pre-LayerNorm
+blocks, causal multi-head self-attention, a GELU MLP of width 4 * model_dim, learned position embeddings
+and an output head tied to the token embedding. Two other position schemes can replace the learned one:
+the fixed sin/cos table of "Attention Is All You Need" (Vaswani et al. 2017) and ALiBi's linear distance
+penalty on the attention scores ("Train Short, Test Long", Press et al. 2021).
+
+    python gpt_jax.py                                    # train on data/stories.txt, then sample
+    python gpt_jax.py --position_embedding=alibi --steps=500
+    python gpt_jax.py --resume=true --steps=4000         # continue the checkpoint in out/gpt_jax
+
+diff me against gpt_torch.py: the same program in PyTorch, line by line.
+"""
+
+import argparse
+import inspect
+import json
+import math
+import os
+import re
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.tree_util import keystr
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class Config:
+    data: str = "data/stories.txt"  # a UTF-8 text file (bytes are tokens) or a bpe.py .npy token file
+    seed: int = 1337  # seeds the weights, the batches, dropout and sampling
+    vocab_size: int = 256  # set from the data at start (256 for bytes); not a command-line option
+    seq_len: int = 128  # tokens per training sequence, the longest context the model sees
+    num_layers: int = 4  # number of transformer blocks
+    num_heads: int = 4  # attention heads per block; head_dim = model_dim // num_heads
+    model_dim: int = 128  # width of the residual stream; the MLP is 4 * model_dim wide
+    position_embedding: str = "learned"  # learned (GPT-2), sinusoidal (Vaswani et al.) or alibi (Press et al.)
+    dropout: float = 0.0  # dropout probability during training (0 = off, fine for small data)
+    batch_size: int = 16  # sequences per training step
+    steps: int = 2000  # optimizer steps in total
+    learning_rate: float = 1e-3  # peak learning rate, reached after warmup
+    min_learning_rate: float = 1e-4  # learning rate at the end of the cosine decay
+    warmup_steps: int = 100  # steps of linear warmup from 0 to learning_rate
+    weight_decay: float = 0.1  # AdamW decoupled weight decay, on weight matrices and embeddings only
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    grad_clip: float = 1.0  # clip the global gradient norm to this
+    eval_interval: int = 500  # evaluate and save a checkpoint every this many steps (and at the end)
+    eval_steps: int = 20  # batches per evaluation of each split
+    log_interval: int = 100  # print the training loss every this many steps
+    out_dir: str = "out/gpt_jax"  # where the checkpoint lives
+    resume: bool = False  # continue from the checkpoint in out_dir
+    sample_tokens: int = 300  # tokens to generate at the end
+    temperature: float = 0.8  # sampling temperature (lower = more conservative)
+    top_k: int = 40  # sample only among the top_k most likely tokens (0 = all)
+
+
+POSITION_EMBEDDINGS = ("learned", "sinusoidal", "alibi")
+MODEL_FIELDS = ("vocab_size", "seq_len", "num_layers", "num_heads", "model_dim", "position_embedding")
+
+
+def fail(message):
+    """A user's mistake: one line on stderr that names it, exit status 2, no traceback."""
+    print(f"{os.path.basename(__file__)}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_bool(text):
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def parse_config(argv=None):
+    """Every Config field but vocab_size is a --name=value option; --help shows the field comments."""
+    comments = dict(re.findall(r"^\s+(\w+): .*?#\s*(.*)$", inspect.getsource(Config), re.M))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.error = fail  # argparse would print the usage too; one line is enough
+    for field in fields(Config):
+        if field.name != "vocab_size":
+            parser.add_argument(f"--{field.name}", type=parse_bool if field.type is bool else field.type,
+                                default=field.default, metavar=field.type.__name__, help=comments[field.name])
+    config = Config(**vars(parser.parse_args(argv)))
+    positive = ("seq_len", "num_layers", "num_heads", "model_dim", "batch_size", "steps", "eval_interval",
+                "eval_steps", "log_interval")
+    checks = [(getattr(config, name) >= 1, f"--{name}={getattr(config, name)} must be at least 1") for name in positive]
+    checks += [
+        (config.position_embedding in POSITION_EMBEDDINGS, f"--position_embedding={config.position_embedding} is "
+         f"unknown; choose one of {', '.join(POSITION_EMBEDDINGS)}"),
+        (config.model_dim % config.num_heads == 0,
+         f"--model_dim={config.model_dim} is not divisible by --num_heads={config.num_heads}; pick a multiple"),
+        (0 <= config.warmup_steps <= config.steps, f"--warmup_steps must be between 0 and --steps={config.steps}"),
+        (0 <= config.min_learning_rate <= config.learning_rate, "--min_learning_rate must be in [0, --learning_rate]"),
+        (0 <= config.dropout < 1 and 0 <= config.beta1 < 1 and 0 <= config.beta2 < 1,
+         "--dropout, --beta1 and --beta2 must be in [0, 1)"),
+        (config.weight_decay >= 0 and config.grad_clip > 0, "--weight_decay must be >= 0 and --grad_clip > 0"),
+        (config.temperature > 0 and config.top_k >= 0 and config.sample_tokens >= 0,
+         "--temperature must be > 0, --top_k and --sample_tokens >= 0"),
+        (os.path.isfile(config.data), f"data file {config.data} not found; pass --data=PATH (a text file or a .npy)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            fail(message)
+    return config
+
+
+# -----------------------------------------------------------------------------
+# Model
+
+
+def residual_std(config):
+    """GPT-2 init: the two projections that write into the residual stream get 0.02 / sqrt(2 * num_layers), so
+    the stream's variance does not grow with depth."""
+    return 0.02 / math.sqrt(2 * config.num_layers)
+
+
+normal = nnx.initializers.normal  # GPT-2 init: N(0, 0.02) weights; flax starts biases at 0 and LayerNorm at 1
+
+
+def sinusoidal_table(seq_len, model_dim):
+    """Vaswani et al. 2017, section 3.5: PE[pos, 2i] = sin(pos / 10000^(2i/model_dim)), PE[pos, 2i+1] = cos(same).
+    Fixed rather than learned: wavelengths in a geometric progression give each position a distinct code."""
+    angle = np.arange(seq_len)[:, None] / 10000 ** (np.arange(0, model_dim, 2) / model_dim)  # (seq_len, model_dim/2)
+    table = np.zeros((seq_len, model_dim), np.float32)  # (seq_len, model_dim)
+    table[:, 0::2] = np.sin(angle)
+    table[:, 1::2] = np.cos(angle[:, : model_dim // 2])  # an odd model_dim has one more sine than cosine column
+    return table
+
+
+def alibi_slopes(num_heads):
+    """Press et al. 2021, section 3: head h penalizes distance with slope 2^(-8(h+1)/n), a geometric sequence. For
+    n not a power of two: the slopes for the power of two p below n, then every other slope for 2p."""
+    def power_of_two_slopes(n):
+        return [2 ** (-8 * (h + 1) / n) for h in range(n)]
+    p = 2 ** int(math.log2(num_heads))
+    return np.array(power_of_two_slopes(p) + power_of_two_slopes(2 * p)[0::2][: num_heads - p], np.float32)
+
+
+def alibi_bias(num_heads, seq_len):
+    """Additive attention bias: -slope_h * (i - j) for key j <= query i, and -inf for j > i (the causal mask).
+    ALiBi adds no position embedding at all: recency is the only position signal."""
+    position = np.arange(seq_len)
+    distance = position[None, :] - position[:, None]  # (seq_len, seq_len): j - i, <= 0 for visible keys
+    bias = alibi_slopes(num_heads)[:, None, None] * distance  # (num_heads, seq_len, seq_len)
+    return np.where(distance <= 0, bias, -np.inf).astype(np.float32)
+
+
+class Attention(nnx.Module):
+    """Causal multi-head self-attention: every position mixes the values of itself and earlier positions,
+    out = softmax(query @ key^T * head_dim**-0.5 + mask) @ value, mask = 0 where key j <= query i, else -inf
+    (plus ALiBi's bias). Written out here; XLA fuses the pieces."""
+
+    def __init__(self, config, rngs):
+        self.num_heads = config.num_heads
+        self.qkv = nnx.Linear(config.model_dim, 3 * config.model_dim, kernel_init=normal(0.02), rngs=rngs)
+        self.out_proj = nnx.Linear(config.model_dim, config.model_dim, kernel_init=normal(residual_std(config)),
+                                   rngs=rngs)
+        self.attn_dropout = nnx.Dropout(config.dropout)  # on the attention probabilities
+        self.resid_dropout = nnx.Dropout(config.dropout)
+
+    def __call__(self, x, alibi, rngs):
+        batch_size, seq_len, model_dim = x.shape
+        head_dim = model_dim // self.num_heads
+        # XLA on CPU turns the weight gradient of a matmul over (batch_size, seq_len, ...) into a transposed copy
+        # plus a matmul; over (batch_size * seq_len, ...) it is one matmul (~15% faster training here and in MLP)
+        x = x.reshape(batch_size * seq_len, model_dim)
+        query, key, value = jnp.split(self.qkv(x), 3, axis=-1)  # 3 x (batch_size * seq_len, model_dim)
+        query, key, value = (t.reshape(batch_size, seq_len, self.num_heads, head_dim).transpose(0, 2, 1, 3)
+                             for t in (query, key, value))  # 3 x (batch_size, num_heads, seq_len, head_dim)
+        scores = query @ key.swapaxes(-2, -1) * head_dim**-0.5  # (batch_size, num_heads, seq_len, seq_len)
+        causal = jnp.tril(jnp.ones((seq_len, seq_len), dtype=bool))  # (seq_len, seq_len): key j <= query i
+        scores = jnp.where(causal, scores, -jnp.inf)
+        if alibi is not None:
+            scores = scores + alibi  # (num_heads, seq_len, seq_len) broadcasts over batch
+        probs = self.attn_dropout(jax.nn.softmax(scores, axis=-1), deterministic=rngs is None, rngs=rngs)
+        out = probs @ value  # (batch_size, num_heads, seq_len, head_dim)
+        out = out.transpose(0, 2, 1, 3).reshape(batch_size * seq_len, model_dim)  # (batch_size * seq_len, model_dim)
+        out = self.resid_dropout(self.out_proj(out), deterministic=rngs is None, rngs=rngs)
+        return out.reshape(batch_size, seq_len, model_dim)
+
+
+class MLP(nnx.Module):
+    """Position-wise feed-forward network: widen to ffn_dim = 4 * model_dim, GELU (GPT-2's tanh approximation),
+    project back. This is where most of the parameters, and most of the per-token computation, live."""
+
+    def __init__(self, config, rngs):
+        ffn_dim = 4 * config.model_dim
+        self.up = nnx.Linear(config.model_dim, ffn_dim, kernel_init=normal(0.02), rngs=rngs)
+        self.down = nnx.Linear(ffn_dim, config.model_dim, kernel_init=normal(residual_std(config)), rngs=rngs)
+        self.dropout = nnx.Dropout(config.dropout)
+
+    def __call__(self, x, rngs):
+        batch_size, seq_len, model_dim = x.shape
+        x = x.reshape(batch_size * seq_len, model_dim)  # 2D matmuls: see Attention
+        x = jax.nn.gelu(self.up(x), approximate=True)  # (batch_size * seq_len, ffn_dim)
+        x = self.dropout(self.down(x), deterministic=rngs is None, rngs=rngs)  # (batch_size * seq_len, model_dim)
+        return x.reshape(batch_size, seq_len, model_dim)
+
+
+class Block(nnx.Module):
+    """Pre-LayerNorm residual block (GPT-2): x + attn(norm(x)), then x + ffn(norm(x)). Normalizing inside the
+    branches leaves the residual stream an identity path, which keeps deep stacks trainable."""
+
+    def __init__(self, config, rngs):
+        self.attn_norm = nnx.LayerNorm(config.model_dim, epsilon=1e-5, use_fast_variance=False, rngs=rngs)
+        self.attn = Attention(config, rngs)
+        self.ffn_norm = nnx.LayerNorm(config.model_dim, epsilon=1e-5, use_fast_variance=False, rngs=rngs)
+        self.ffn = MLP(config, rngs)
+
+    def __call__(self, x, alibi, rngs):
+        x = x + self.attn(self.attn_norm(x), alibi, rngs)  # (batch_size, seq_len, model_dim)
+        return x + self.ffn(self.ffn_norm(x), rngs)
+
+
+class GPT(nnx.Module):
+    """Token embedding (+ positions) -> num_layers blocks -> final LayerNorm -> logits through the transposed
+    token embedding (weight tying: one matrix both reads and writes tokens, as in GPT-2).
+    rngs: an nnx.Rngs with a dropout stream while training; None evaluates without dropout."""
+
+    def __init__(self, config, rngs):
+        self.seq_len = config.seq_len
+        self.token_embedding = nnx.Embed(config.vocab_size, config.model_dim, embedding_init=normal(0.02), rngs=rngs)
+        learned = config.position_embedding == "learned"
+        self.position_embedding = nnx.Embed(config.seq_len, config.model_dim, embedding_init=normal(0.02),
+                                            rngs=rngs) if learned else None
+        # the fixed tables are numpy constants, made in __call__: jit folds them into the compiled program
+        self.positions = config.position_embedding
+        self.num_heads = config.num_heads
+        self.embedding_dropout = nnx.Dropout(config.dropout)
+        self.blocks = nnx.List([Block(config, rngs) for _ in range(config.num_layers)])
+        self.final_norm = nnx.LayerNorm(config.model_dim, epsilon=1e-5, use_fast_variance=False, rngs=rngs)
+
+    def __call__(self, tokens, targets=None, rngs=None):
+        batch_size, seq_len = tokens.shape
+        x = self.token_embedding(tokens)  # (batch_size, seq_len, model_dim)
+        if self.position_embedding is not None:
+            x = x + self.position_embedding(jnp.arange(seq_len))  # (seq_len, model_dim) broadcasts over batch
+        if self.positions == "sinusoidal":
+            x = x + sinusoidal_table(seq_len, x.shape[-1])
+        x = self.embedding_dropout(x, deterministic=rngs is None, rngs=rngs)
+        alibi = alibi_bias(self.num_heads, seq_len) if self.positions == "alibi" else None
+        for block in self.blocks:
+            x = block(x, alibi, rngs)  # (batch_size, seq_len, model_dim)
+        logits = self.token_embedding.attend(self.final_norm(x))  # (batch_size, seq_len, vocab_size)
+        if targets is None:
+            return logits, None
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()  # mean over all tokens
+        return logits, loss
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+def load_data(config):
+    """The corpus as token ids split 90/10, each token's bytes (to decode samples and count bytes for bits per
+    byte), and the corpus's entropy floor in val bits per byte if a <name>.floor.json sits beside it."""
+    if config.data.endswith(".npy"):  # tokenized by bpe.py; its vocabulary is in the .json of the same name
+        vocab_path = config.data[: -len(".npy")] + ".json"
+        if not os.path.isfile(vocab_path):
+            fail(f"{vocab_path} (the vocabulary of {config.data}) not found; tokenize again with bpe.py")
+        tokens = np.load(config.data, allow_pickle=False)
+        with open(vocab_path) as f:
+            token_bytes = [bytes.fromhex(token) for token in json.load(f)["token_bytes"]]
+    else:
+        with open(config.data, "rb") as f:
+            tokens = np.frombuffer(f.read(), dtype=np.uint8)
+        token_bytes = [bytes([i]) for i in range(256)]
+    split = int(0.9 * len(tokens))
+    train_tokens, val_tokens = tokens[:split], tokens[split:]  # the last 10% is validation
+    if min(len(train_tokens), len(val_tokens)) < config.seq_len + 1:
+        fail(f"{config.data} has {len(tokens)} tokens, too few for {config.seq_len + 1} in each of the train and "
+             f"val splits; use a longer corpus or a smaller --seq_len")
+    name = os.path.basename(config.data).split(".")[0]  # data/stories.txt and data/stories.bpe1024.npy: stories
+    floor_path = os.path.join(os.path.dirname(config.data), name + ".floor.json")
+    floor = None
+    if os.path.isfile(floor_path):
+        with open(floor_path) as f:
+            floor = json.load(f)["val_bpb"]
+    return train_tokens, val_tokens, token_bytes, floor
+
+
+def get_batch(tokens, rng, config):
+    """batch_size random windows: inputs and their next-token targets. A numpy generator picks the offsets, so
+    the torch and jax twins draw identical batches."""
+    offsets = rng.integers(0, len(tokens) - config.seq_len, size=config.batch_size)  # (batch_size,)
+    index = offsets[:, None] + np.arange(config.seq_len)  # (batch_size, seq_len)
+    return tokens[index].astype(np.int32), tokens[index + 1].astype(np.int32)  # jax's default int
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def make_optimizer(config):
+    """AdamW; weight decay only on tensors of two or more dims (matrices, embeddings), not biases or norm gains.
+    optax calls the schedule with its count of updates done, the same step number torch's loop uses."""
+    schedule = jnp.array([learning_rate_at(step, config) for step in range(config.steps)])  # (steps,)
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip),
+                       optax.adamw(lambda count: schedule[count], b1=config.beta1, b2=config.beta2,
+                                   weight_decay=config.weight_decay, mask=decay_mask))
+
+
+def learning_rate_at(step, config):
+    """Linear warmup from 0 over warmup_steps, then cosine decay from learning_rate to min_learning_rate at the
+    last step. step counts the updates done before this one (0 for the first)."""
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)  # 0 -> 1
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))  # 1 -> 0
+    return config.min_learning_rate + cosine * (config.learning_rate - config.min_learning_rate)
+
+
+def make_steps(graphdef, optimizer, dropout_key):
+    """The train step (one AdamW update) and the evaluation loss, each compiled once by jax.jit as a pure function
+    of the parameters (nnx.merge inside): cheaper per call than nnx.jit, which walks the module graph each time."""
+    def loss_fn(params, x, y, key):
+        rngs = None if key is None else nnx.Rngs(dropout=key)  # None: dropout off
+        return nnx.merge(graphdef, params)(x, y, rngs)[1]
+
+    @partial(jax.jit, donate_argnums=(0, 1))  # params and optimizer state are updated in place
+    def train_step(params, opt_state, x, y, step):
+        key = jax.random.fold_in(dropout_key, step)  # a function of the step: resuming needs no key state
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, y, key)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return train_step, jax.jit(partial(loss_fn, key=None))
+
+
+def evaluate(eval_loss, params, tokens, config):
+    """Mean loss over eval_steps batches from a generator re-seeded at every evaluation: evaluations compare with
+    each other, and the training batches do not depend on when we evaluate."""
+    rng = np.random.default_rng(config.seed + 1)
+    losses = [float(eval_loss(params, *get_batch(tokens, rng, config))) for _ in range(config.eval_steps)]
+    return float(np.mean(losses))
+
+
+def open_checkpoint(config):
+    """The checkpoint to resume, or None for a fresh run. Refuses (exit 2) to overwrite a checkpoint, to resume
+    a missing one, or to resume into a different model."""
+    path = os.path.join(config.out_dir, "ckpt.npz")
+    if not config.resume:
+        if os.path.exists(path):
+            fail(f"{path} already holds a checkpoint; pass --resume=true to continue it or choose another --out_dir")
+        return None
+    if not os.path.exists(path):
+        fail(f"--resume=true but there is no checkpoint {path}; drop --resume or pass the right --out_dir")
+    checkpoint = dict(np.load(path, allow_pickle=False))  # arrays and a JSON string: loading runs no code
+    checkpoint["meta"] = json.loads(str(checkpoint["meta"]))
+    saved = checkpoint["meta"]["config"]
+    for name in MODEL_FIELDS:
+        if saved[name] != getattr(config, name):
+            fail(f"{path} holds a model with {name}={saved[name]}, not {getattr(config, name)}; "
+                 f"pass the same model options or choose another --out_dir")
+    if checkpoint["meta"]["step"] >= config.steps:
+        fail(f"{path} is already at step {checkpoint['meta']['step']}; pass a larger --steps to train further")
+    return checkpoint
+
+
+def save_checkpoint(params, opt_state, step, data_rng, config):
+    """Weights, optimizer state, step, data RNG state and config. Written to a temporary file and renamed over the
+    old one, so an interruption never leaves a broken checkpoint."""
+    os.makedirs(config.out_dir, exist_ok=True)
+    path = os.path.join(config.out_dir, "ckpt.npz")
+    meta = json.dumps({"step": step, "data_rng": data_rng.bit_generator.state, "config": asdict(config)})
+    state = {"params": params, "opt_state": opt_state}  # arrays named by their pytree path: params/blocks/0/...
+    arrays = {keystr(path, simple=True, separator="/"): np.asarray(leaf)
+              for path, leaf in jax.tree_util.tree_leaves_with_path(state)}
+    with open(path + ".tmp", "wb") as f:  # a file object: given a name, np.savez would append ".npz"
+        np.savez(f, meta=np.array(meta), **arrays)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def restore_checkpoint(checkpoint, params, opt_state, data_rng):
+    """The saved parameters and optimizer state, shaped like the fresh ones given; puts the data RNG state back.
+    Returns them with the step to continue from (dropout keys derive from the step: nothing else to restore)."""
+    state = {"params": params, "opt_state": opt_state}
+    state = jax.tree_util.tree_map_with_path(
+        lambda path, _: jnp.asarray(checkpoint[keystr(path, simple=True, separator="/")]), state)
+    data_rng.bit_generator.state = checkpoint["meta"]["data_rng"]
+    return state["params"], state["opt_state"], checkpoint["meta"]["step"]
+
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+
+def sample_prompt(val_tokens, token_bytes, length):
+    """length tokens of the val split, from its first non-blank line start: a prompt with no encoder needed."""
+    ends_line = np.array([b.endswith(b"\n") for b in token_bytes])[val_tokens[: len(val_tokens) - length]]
+    line_starts = np.flatnonzero(ends_line[:-1] & ~ends_line[1:]) + 1  # after a line break, not on a blank line
+    start = line_starts[0] if len(line_starts) else 0
+    return val_tokens[start : start + length].tolist()
+
+
+def generate(model, prompt, max_new_tokens, temperature, top_k, key):
+    """Sample one token at a time from softmax(logits / temperature), optionally among the top_k only. GPT has
+    no key/value cache here: each step reruns the model on the last seq_len tokens."""
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+
+    @jax.jit  # compiled once: the context always sits in a window of seq_len tokens, padded after its end
+    def next_token(params, window, length, key):
+        logits, _ = nnx.merge(graphdef, params)(window[None])  # (1, seq_len, vocab_size)
+        logits = logits[0, length - 1] / temperature  # (vocab_size,): causal, so the padding does not matter
+        if top_k > 0:
+            kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][-1]
+            logits = jnp.where(logits < kth, -jnp.inf, logits)
+        return jax.random.categorical(key, logits)
+
+    tokens = list(prompt)
+    for i in range(max_new_tokens):
+        context = tokens[-model.seq_len :]  # learned positions only go up to seq_len
+        window = np.zeros(model.seq_len, np.int32)  # (seq_len,)
+        window[: len(context)] = context
+        tokens.append(int(next_token(params, window, len(context), jax.random.fold_in(key, i))))
+    return tokens
+
+
+# -----------------------------------------------------------------------------
+# Main
+
+
+def main(argv=None):
+    config = parse_config(argv)
+    train_tokens, val_tokens, token_bytes, floor = load_data(config)
+    config.vocab_size = len(token_bytes)
+    checkpoint = open_checkpoint(config)  # before any work: a bad --resume stops here
+    init_key, dropout_key, sample_key = jax.random.split(jax.random.key(config.seed), 3)
+    model = GPT(config, nnx.Rngs(init_key))
+    optimizer = make_optimizer(config)
+    data_rng = np.random.default_rng(config.seed)
+    # jax transforms pure functions: split the model into its structure and a plain nested dict of arrays
+    # (a dict of Variables would cost a Python unflatten per parameter at every call)
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    opt_state = optimizer.init(params)
+    start_step = 0
+    if checkpoint is not None:
+        params, opt_state, start_step = restore_checkpoint(checkpoint, params, opt_state, data_rng)
+        print(f"resuming from step {start_step}")
+    byte_lengths = np.array([len(b) for b in token_bytes])
+    tokens_per_byte = len(val_tokens) / byte_lengths[val_tokens].sum()  # 1 for a byte corpus
+    print(f"data {config.data}: {len(train_tokens):,} train / {len(val_tokens):,} val tokens, "
+          f"vocab_size {config.vocab_size}")
+    print(f"model: {sum(p.size for p in jax.tree.leaves(params)):,} parameters")
+    train_step, eval_loss = make_steps(graphdef, optimizer, dropout_key)
+
+    stop_requested = []  # Ctrl-C only sets this flag: the current step finishes, then we save and exit
+    previous_handler = signal.signal(signal.SIGINT, lambda signum, frame: stop_requested.append(signum))
+    tokens_per_step = config.batch_size * config.seq_len
+    timer, timed_from = time.perf_counter(), start_step
+    for step in range(start_step, config.steps):
+        learning_rate = learning_rate_at(step, config)  # for the log: the optimizer reads it from its schedule
+        x, y = get_batch(train_tokens, data_rng, config)
+        params, opt_state, loss = train_step(params, opt_state, x, y, step)  # asynchronous: returns at once
+        done = step + 1  # steps completed
+        if done % config.log_interval == 0:
+            loss = float(loss)  # waits for the step: time only at log lines, so dispatch overlaps compute
+            ms = (time.perf_counter() - timer) * 1000 / (done - timed_from)
+            print(f"step {done:5d}/{config.steps} | loss {loss:.4f} | lr {learning_rate:.1e} | "
+                  f"{ms:.1f} ms/step | {tokens_per_step / ms:.1f}k tok/s", flush=True)
+            timer, timed_from = time.perf_counter(), done
+        if done % config.eval_interval == 0 or done == config.steps:
+            train_loss, val_loss = (evaluate(eval_loss, params, split, config) for split in (train_tokens, val_tokens))
+            bpb = val_loss / math.log(2) * tokens_per_byte
+            print(f"eval step {done:5d} | train {train_loss:.4f} | val {val_loss:.4f} | val bpb {bpb:.3f}"
+                  + (f" | floor {floor:.3f}" if floor is not None else ""), flush=True)
+            save_checkpoint(params, opt_state, done, data_rng, config)
+            timer, timed_from = time.perf_counter(), done  # keep evaluation out of ms/step
+        if stop_requested:
+            path = save_checkpoint(params, opt_state, done, data_rng, config)
+            print(f"interrupted: saved step {done} to {path}; continue with --resume=true", flush=True)
+            sys.exit(130)
+    signal.signal(signal.SIGINT, previous_handler)
+
+    nnx.update(model, params)  # the trained arrays back into the model object
+    prompt = sample_prompt(val_tokens, token_bytes, max(1, config.seq_len // 4))
+    tokens = generate(model, prompt, config.sample_tokens, config.temperature, config.top_k, sample_key)
+    print("sample:\n" + b"".join(token_bytes[t] for t in tokens).decode("utf-8", errors="replace"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,589 @@
+"""Llama in JAX, in one file: the decoder-only transformer of Meta's Llama 3, trained to predict the next byte/token.
+
+What changed since GPT-2, and where it comes from:
+  - RMSNorm instead of LayerNorm, no biases anywhere (LLaMA: Touvron et al. 2023, "Open and Efficient Foundation
+    Language Models"; RMSNorm: Zhang & Sennrich 2019)
+  - rotary position embeddings on queries and keys instead of a learned position table (RoFormer: Su et al. 2021),
+    optionally stretched with YaRN to sample past the trained length (Peng et al. 2023, "YaRN: Efficient Context
+    Window Extension of Large Language Models")
+  - grouped-query attention: fewer key/value heads than query heads (Ainslie et al. 2023, "GQA")
+  - a SwiGLU feed-forward network (Shazeer 2020, "GLU Variants Improve Transformer")
+  - an untied output head, and optionally QK-norm: RMSNorm on each head's queries and keys (Qwen3, OLMo 2)
+  - a key/value cache, so that sampling costs one position per new token instead of the whole context
+With the same weights it computes the same logits as Meta's and Hugging Face's Llama (float32 RMSNorm, eps 1e-5,
+RoPE pairing dimension i with i + head_dim/2 as Hugging Face does; see apply_rope).
+
+    python llama_jax.py                                 # train on data/stories.txt, then sample
+    python llama_jax.py --num_kv_heads=1 --qk_norm=true # multi-query attention, normalized queries and keys
+    python llama_jax.py --rope_scaling=2                # YaRN: sample up to 2 * seq_len tokens of context
+
+diff me against llama_torch.py: the same program in PyTorch, line by line.
+"""
+
+import argparse
+import functools
+import inspect
+import json
+import math
+import os
+import re
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class Config:
+    data: str = "data/stories.txt"  # a UTF-8 text file (bytes are tokens) or a bpe.py .npy token file
+    seed: int = 1337  # seeds the weights, the batches and sampling
+    vocab_size: int = 256  # set from the data at start (256 for bytes); not a command-line option
+    seq_len: int = 128  # tokens per training sequence; also YaRN's original context length
+    num_layers: int = 4  # number of transformer blocks
+    num_heads: int = 4  # query heads per block; head_dim = model_dim // num_heads
+    num_kv_heads: int = 2  # key/value heads (grouped-query attention): 1 = multi-query, num_heads = multi-head
+    model_dim: int = 128  # width of the residual stream
+    ffn_dim: int = 0  # SwiGLU hidden width; 0 = Llama's rule, 8/3 * model_dim rounded up to a multiple of 32
+    rope_theta: float = 10000.0  # RoPE base: dimension pair i turns by rope_theta**(-2i/head_dim) radians per position
+    rope_scaling: float = 1.0  # YaRN factor s: the context may grow to s * seq_len tokens (1 = plain RoPE)
+    yarn_alpha: float = 1.0  # YaRN ramp: pairs turning fewer than alpha times in seq_len are interpolated (divided by s)
+    yarn_beta: float = 32.0  # YaRN ramp: pairs turning more than beta times in seq_len are left unchanged
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys before RoPE (Qwen3, OLMo 2)
+    tie_embeddings: bool = False  # read logits through the token embedding (GPT-2) instead of a separate lm_head
+    batch_size: int = 16  # sequences per training step
+    steps: int = 2000  # optimizer steps in total
+    learning_rate: float = 1e-3  # peak learning rate, reached after warmup
+    min_learning_rate: float = 1e-4  # learning rate at the end of the cosine decay
+    warmup_steps: int = 100  # steps of linear warmup from 0 to learning_rate
+    weight_decay: float = 0.1  # AdamW decoupled weight decay, on weight matrices and embeddings only
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    grad_clip: float = 1.0  # clip the global gradient norm to this
+    eval_interval: int = 500  # evaluate and save a checkpoint every this many steps (and at the end)
+    eval_steps: int = 20  # batches per evaluation of each split
+    log_interval: int = 100  # print the training loss every this many steps
+    out_dir: str = "out/llama_jax"  # where the checkpoint lives
+    resume: bool = False  # continue from the checkpoint in out_dir
+    sample_tokens: int = 300  # tokens to generate; past rope_scaling * seq_len of context, the oldest half is cropped
+    temperature: float = 0.8  # sampling temperature (lower = more conservative)
+    top_k: int = 40  # sample only among the top_k most likely tokens (0 = all)
+
+
+# the options that fix the weights' meaning; rope_scaling and the YaRN ramp may change on --resume, which is
+# YaRN's use: stretch the positions of a model trained with plain RoPE, then train it a little longer
+MODEL_FIELDS = ("vocab_size", "seq_len", "num_layers", "num_heads", "num_kv_heads", "model_dim", "ffn_dim",
+                "rope_theta", "qk_norm", "tie_embeddings")
+
+
+def fail(message):
+    """A user's mistake: one line on stderr that names it, exit status 2, no traceback."""
+    print(f"{os.path.basename(__file__)}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_bool(text):
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def parse_config(argv=None):
+    """Every Config field but vocab_size is a --name=value option; --help shows the field comments."""
+    comments = dict(re.findall(r"^\s+(\w+): .*?#\s*(.*)$", inspect.getsource(Config), re.M))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.error = fail  # argparse would print the usage too; one line is enough
+    for field in fields(Config):
+        if field.name != "vocab_size":
+            parser.add_argument(f"--{field.name}", type=parse_bool if field.type is bool else field.type,
+                                default=field.default, metavar=field.type.__name__, help=comments[field.name])
+    config = Config(**vars(parser.parse_args(argv)))
+    for name in ("seq_len", "num_layers", "num_heads", "num_kv_heads", "model_dim", "batch_size", "steps",
+                 "eval_interval", "eval_steps", "log_interval"):
+        if getattr(config, name) < 1:
+            fail(f"--{name}={getattr(config, name)} must be at least 1")
+    checks = [
+        (config.model_dim % config.num_heads == 0,
+         f"--model_dim={config.model_dim} is not divisible by --num_heads={config.num_heads}; pick a multiple"),
+        (config.num_heads % config.num_kv_heads == 0,
+         f"--num_heads={config.num_heads} is not divisible by --num_kv_heads={config.num_kv_heads}; pick a divisor"),
+        ((config.model_dim // config.num_heads) % 2 == 0,
+         f"head_dim = --model_dim / --num_heads = {config.model_dim // config.num_heads} must be even for RoPE's pairs"),
+        (config.ffn_dim >= 0, f"--ffn_dim={config.ffn_dim} must be >= 0 (0 = Llama's rule)"),
+        (config.rope_theta > 1, f"--rope_theta={config.rope_theta} must be > 1"),
+        (config.rope_scaling >= 1, f"--rope_scaling={config.rope_scaling} must be >= 1 (1 = plain RoPE)"),
+        (0 <= config.yarn_alpha < config.yarn_beta,
+         f"--yarn_alpha={config.yarn_alpha} and --yarn_beta={config.yarn_beta} need 0 <= alpha < beta"),
+        (0 <= config.warmup_steps <= config.steps,
+         f"--warmup_steps={config.warmup_steps} must be between 0 and --steps={config.steps}"),
+        (0 <= config.min_learning_rate <= config.learning_rate,
+         f"--min_learning_rate={config.min_learning_rate} must be between 0 and --learning_rate={config.learning_rate}"),
+        (0 <= config.beta1 < 1 and 0 <= config.beta2 < 1, "--beta1 and --beta2 must be in [0, 1)"),
+        (config.weight_decay >= 0 and config.grad_clip > 0, "--weight_decay must be >= 0 and --grad_clip > 0"),
+        (config.temperature > 0 and config.top_k >= 0 and config.sample_tokens >= 0,
+         "--temperature must be > 0, --top_k and --sample_tokens >= 0"),
+        (os.path.isfile(config.data), f"data file {config.data} not found; pass --data=PATH (a text file or a .npy)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            fail(message)
+    return config
+
+# -----------------------------------------------------------------------------
+# Model
+
+
+normal = nnx.initializers.normal  # N(0, 0.02) weights (GPT-2, kept by Llama); RMSNorm weights start at 1
+
+
+def residual_std(config):
+    """GPT-2 init, kept by Llama: the two projections that write into the residual stream get 0.02 / sqrt(2 *
+    num_layers), so the stream's variance does not grow with depth."""
+    return 0.02 / math.sqrt(2 * config.num_layers)
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * weight (Zhang & Sennrich 2019): LayerNorm without the mean subtraction and the bias, cheaper and
+    as good. Computed in float32 whatever the input dtype, as Meta's reference does, because the mean of squares
+    is where low precision hurts."""
+
+    def __init__(self, dim, eps=1e-5):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones(dim))
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32**2, axis=-1, keepdims=True) + self.eps)  # (..., dim), rms 1 per vector
+        return x32.astype(x.dtype) * self.weight[...]
+
+
+def rope_frequencies(config):
+    """RoPE's angular frequencies, one per dimension pair: theta_i = rope_theta**(-2i/head_dim) radians per position,
+    and YaRN's attention factor. With rope_scaling s > 1, YaRN (Peng et al. 2023, section 3.2, "NTK-by-parts")
+    looks at r_i = seq_len / wavelength_i, the turns pair i makes over the trained context: pairs with r > beta
+    turned many times during training and already saw every angle, so they stay; pairs with r < alpha never
+    completed a turn, so they are interpolated (theta / s keeps every angle inside the trained range); a linear
+    ramp gamma blends in between. Section 3.4: softmax temperature sqrt(1/t) = 0.1 ln(s) + 1 on queries and keys."""
+    head_dim = config.model_dim // config.num_heads
+    theta = config.rope_theta ** (-np.arange(0, head_dim, 2) / head_dim)  # (head_dim // 2,) radians per position
+    if config.rope_scaling == 1:
+        return theta, 1.0  # plain RoPE, bit for bit: the ramp below would round
+    turns = config.seq_len / (2 * math.pi / theta)  # (head_dim // 2,) r_i = seq_len / wavelength_i
+    gamma = np.clip((turns - config.yarn_alpha) / (config.yarn_beta - config.yarn_alpha), 0, 1)
+    theta = (1 - gamma) * theta / config.rope_scaling + gamma * theta  # (head_dim // 2,) h(theta_i), eq. 20
+    return theta, 0.1 * math.log(config.rope_scaling) + 1
+
+
+def rope_tables(config, max_len):
+    """cos and sin of position * theta_i for positions 0 .. max_len - 1, each pair's angle written at i and at
+    i + head_dim/2 (the split-halves pairing of apply_rope), times YaRN's attention factor (1 for plain RoPE).
+    Computed once in float64 with numpy, stored in float32: both twins get the very same tables."""
+    theta, attention_factor = rope_frequencies(config)
+    angle = np.arange(max_len)[:, None] * theta[None, :]  # (max_len, head_dim // 2)
+    angle = np.concatenate([angle, angle], axis=-1)  # (max_len, head_dim)
+    return ((np.cos(angle) * attention_factor).astype(np.float32),
+            (np.sin(angle) * attention_factor).astype(np.float32))
+
+
+def apply_rope(x, cos, sin):
+    """Rotary position embedding (Su et al. 2021, eq. 34): rotate each dimension pair by position * theta_i, so that
+    query . key depends on the positions only through their difference. Pairs are split halves, (x_i, x_{i+head_dim/2}),
+    as in Hugging Face's "rotate_half". Meta's reference pairs neighbours (x_2i, x_2i+1): the same model with the
+    rows of the query and key projections permuted (Hugging Face permutes them when it converts Meta's weights)."""
+    first, second = jnp.split(x, 2, axis=-1)  # 2 x (batch_size, heads, seq_len, head_dim // 2)
+    rotated = jnp.concatenate([-second, first], axis=-1)  # (batch_size, heads, seq_len, head_dim)
+    return x * cos + rotated * sin  # (x_i, x_j) -> (x_i cos - x_j sin, x_j cos + x_i sin)
+
+
+class Attention(nnx.Module):
+    """Causal grouped-query self-attention (Ainslie et al. 2023): num_heads query heads share num_kv_heads key/value
+    heads, query head h reading kv head h // (num_heads // num_kv_heads). The cache, which sampling keeps, shrinks by
+    that ratio. out = softmax(query @ key^T * head_dim**-0.5 + mask) @ value, mask = 0 where key j <= query i, else
+    -inf; written out below (XLA fuses it)."""
+
+    def __init__(self, config, rngs):
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.head_dim = config.model_dim // config.num_heads
+        linear = partial(nnx.Linear, use_bias=False, kernel_init=normal(0.02), rngs=rngs)
+        self.query = linear(config.model_dim, config.num_heads * self.head_dim)
+        self.key = linear(config.model_dim, config.num_kv_heads * self.head_dim)
+        self.value = linear(config.model_dim, config.num_kv_heads * self.head_dim)
+        self.out_proj = linear(config.num_heads * self.head_dim, config.model_dim,
+                               kernel_init=normal(residual_std(config)))  # writes into the residual stream
+        # QK-norm: bounds the attention logits, which otherwise can grow until training diverges
+        self.query_norm = RMSNorm(self.head_dim) if config.qk_norm else None
+        self.key_norm = RMSNorm(self.head_dim) if config.qk_norm else None
+
+    def __call__(self, x, cos, sin, mask, cache, position):
+        batch_size, seq_len, model_dim = x.shape
+        query = self.query(x).reshape(batch_size, seq_len, self.num_heads, self.head_dim)
+        key = self.key(x).reshape(batch_size, seq_len, self.num_kv_heads, self.head_dim)
+        value = self.value(x).reshape(batch_size, seq_len, self.num_kv_heads, self.head_dim)
+        if self.query_norm is not None:  # over head_dim, for each head: before RoPE, which keeps the norm
+            query, key = self.query_norm(query), self.key_norm(key)
+        query, key, value = (t.swapaxes(1, 2) for t in (query, key, value))  # (batch_size, heads, seq_len, head_dim)
+        query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
+        if cache is not None:  # write these positions' keys and values, then attend over all max_len slots (masked)
+            cache[0] = jax.lax.dynamic_update_slice(cache[0], key, (0, 0, position, 0))  # (.., max_len, head_dim)
+            cache[1] = jax.lax.dynamic_update_slice(cache[1], value, (0, 0, position, 0))
+            key, value = cache[0], cache[1]  # jax arrays are immutable: the list now holds the updated ones
+        # query head h reads kv head h // (num_heads // num_kv_heads), as if each kv head were repeated
+        # (repeat_interleave) that many times; jnp.repeat is that repeat
+        group = self.num_heads // self.num_kv_heads
+        key = jnp.repeat(key, group, axis=1)  # (batch_size, num_heads, num_keys, head_dim)
+        value = jnp.repeat(value, group, axis=1)  # (batch_size, num_heads, num_keys, head_dim)
+        scores = query @ key.swapaxes(-2, -1) * self.head_dim**-0.5  # (batch_size, num_heads, seq_len, num_keys)
+        scores = jnp.where(mask, scores, -jnp.inf)  # (seq_len, num_keys) mask broadcasts over batch and heads
+        out = jax.nn.softmax(scores, axis=-1) @ value  # (batch_size, num_heads, seq_len, head_dim)
+        out = out.swapaxes(1, 2).reshape(batch_size, seq_len, model_dim)  # (batch_size, seq_len, model_dim)
+        return self.out_proj(out)
+
+
+def llama_ffn_dim(model_dim):
+    """Llama's hidden width: SwiGLU has three matrices where GPT's MLP has two, so 2/3 of GPT's 4 * model_dim keeps
+    the parameter count; rounded up to a multiple of 32 (Meta's multiple_of, 256 or 1024 at full size)."""
+    return 32 * math.ceil(8 * model_dim // 3 / 32)
+
+
+class SwiGLU(nnx.Module):
+    """Gated feed-forward network (Shazeer 2020): down(silu(gate(x)) * up(x)). The gate decides, per hidden unit
+    and token, how much of up(x) passes; at equal parameters this beats GPT's GELU MLP."""
+
+    def __init__(self, config, rngs):
+        ffn_dim = config.ffn_dim or llama_ffn_dim(config.model_dim)
+        linear = partial(nnx.Linear, use_bias=False, kernel_init=normal(0.02), rngs=rngs)
+        self.gate = linear(config.model_dim, ffn_dim)
+        self.up = linear(config.model_dim, ffn_dim)
+        self.down = linear(ffn_dim, config.model_dim, kernel_init=normal(residual_std(config)))
+
+    def __call__(self, x):
+        x = jax.nn.silu(self.gate(x)) * self.up(x)  # (batch_size, seq_len, ffn_dim)
+        return self.down(x)  # (batch_size, seq_len, model_dim)
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block, as GPT-2 but with RMSNorm: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, config, rngs):
+        self.attn_norm = RMSNorm(config.model_dim)
+        self.attn = Attention(config, rngs)
+        self.ffn_norm = RMSNorm(config.model_dim)
+        self.ffn = SwiGLU(config, rngs)
+
+    def __call__(self, x, cos, sin, mask, cache, position):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, position)  # (batch_size, seq_len, model_dim)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Buffer(nnx.Variable):
+    """A fixed array that belongs to the model but is not trained (torch's register_buffer): the training code
+    splits the model with nnx.split(model, nnx.Param, ...), so only nnx.Param reaches the gradient and optimizer."""
+
+
+class Llama(nnx.Module):
+    """Token embedding -> num_layers blocks -> final RMSNorm -> lm_head, a separate output matrix (Llama; GPT-2 ties
+    it to the embedding). No position embedding: positions enter only through RoPE inside attention, so the model
+    can run past seq_len (with YaRN, to max_len = rope_scaling * seq_len)."""
+
+    def __init__(self, config, rngs):
+        self.num_kv_heads, self.head_dim = config.num_kv_heads, config.model_dim // config.num_heads
+        self.max_len = int(config.rope_scaling * config.seq_len)  # the longest context RoPE (+ YaRN) serves
+        self.token_embedding = nnx.Embed(config.vocab_size, config.model_dim, embedding_init=normal(0.02), rngs=rngs)
+        cos, sin = rope_tables(config, self.max_len)  # 2 x (max_len, head_dim)
+        self.cos, self.sin = Buffer(jnp.asarray(cos)), Buffer(jnp.asarray(sin))  # fixed: no gradient, not saved
+        self.blocks = nnx.List([Block(config, rngs) for _ in range(config.num_layers)])
+        self.final_norm = RMSNorm(config.model_dim)
+        self.lm_head = None if config.tie_embeddings else nnx.Linear(
+            config.model_dim, config.vocab_size, use_bias=False, kernel_init=normal(0.02), rngs=rngs)
+
+    def __call__(self, tokens, targets=None, cache=None, position=0):
+        """Logits for tokens at positions position, position + 1, ...; and the loss if targets are given. With a
+        cache (sampling), earlier positions' keys and values come from it and these tokens' are written into it."""
+        batch_size, seq_len = tokens.shape
+        cos = jax.lax.dynamic_slice_in_dim(self.cos[...], position, seq_len)  # (seq_len, head_dim); position: traced
+        sin = jax.lax.dynamic_slice_in_dim(self.sin[...], position, seq_len)
+        # query i sits at position + i and sees key j if j <= position + i: the causal mask, which with a cache also
+        # hides the slots not written yet (static shapes: attention always runs over all max_len slots)
+        num_keys = seq_len if cache is None else self.max_len
+        mask = jnp.arange(num_keys) <= position + jnp.arange(seq_len)[:, None]  # (seq_len, num_keys)
+        x = self.token_embedding(tokens)  # (batch_size, seq_len, model_dim)
+        for layer, block in enumerate(self.blocks):
+            layer_cache = None if cache is None else cache[layer]
+            x = block(x, cos, sin, mask, layer_cache, position)  # (batch_size, seq_len, model_dim)
+        x = self.final_norm(x)
+        logits = self.lm_head(x) if self.lm_head is not None else self.token_embedding.attend(x)
+        if targets is None:
+            return logits, None  # (batch_size, seq_len, vocab_size)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()  # mean over batch_size * seq_len
+        return logits, loss
+
+    def new_cache(self, batch_size):
+        """One [key, value] pair per layer, preallocated for max_len positions: the shapes never change, so the
+        decoding step compiles once."""
+        shape = (batch_size, self.num_kv_heads, self.max_len, self.head_dim)
+        return [[jnp.zeros(shape), jnp.zeros(shape)] for _ in self.blocks]
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+def load_data(config):
+    """The corpus as token ids split 90/10, each token's bytes (to decode samples and count bytes for bits per
+    byte), and the corpus's entropy floor in val bits per byte if a <name>.floor.json sits beside it."""
+    if config.data.endswith(".npy"):  # tokenized by bpe.py; its vocabulary is in the .json of the same name
+        vocab_path = config.data[: -len(".npy")] + ".json"
+        if not os.path.isfile(vocab_path):
+            fail(f"{vocab_path} (the vocabulary of {config.data}) not found; tokenize again with bpe.py")
+        tokens = np.load(config.data, allow_pickle=False)
+        with open(vocab_path) as f:
+            token_bytes = [bytes.fromhex(token) for token in json.load(f)["token_bytes"]]
+    else:
+        with open(config.data, "rb") as f:
+            tokens = np.frombuffer(f.read(), dtype=np.uint8)
+        token_bytes = [bytes([i]) for i in range(256)]
+    split = int(0.9 * len(tokens))
+    train_tokens, val_tokens = tokens[:split], tokens[split:]  # the last 10% is validation
+    if min(len(train_tokens), len(val_tokens)) < config.seq_len + 1:
+        fail(f"{config.data} has {len(tokens)} tokens, too few for {config.seq_len + 1} in each of the train and "
+             f"val splits; use a longer corpus or a smaller --seq_len")
+    name = os.path.basename(config.data).split(".")[0]  # data/stories.txt and data/stories.bpe1024.npy: stories
+    floor_path = os.path.join(os.path.dirname(config.data), name + ".floor.json")
+    floor = None
+    if os.path.isfile(floor_path):
+        with open(floor_path) as f:
+            floor = json.load(f)["val_bpb"]
+    return train_tokens, val_tokens, token_bytes, floor
+
+
+def get_batch(tokens, rng, config):
+    """batch_size random windows: inputs and their next-token targets. A numpy generator picks the offsets, so
+    the torch and jax twins draw identical batches."""
+    offsets = rng.integers(0, len(tokens) - config.seq_len, size=config.batch_size)  # (batch_size,)
+    index = offsets[:, None] + np.arange(config.seq_len)  # (batch_size, seq_len)
+    return tokens[index].astype(np.int32), tokens[index + 1].astype(np.int32)  # jax's default int
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def make_optimizer(config):
+    """AdamW; weight decay only on tensors of two or more dims (matrices, embeddings), not biases or norm gains.
+    optax calls the schedule with its count of updates done, the same step number torch's loop uses."""
+    schedule = jnp.array([learning_rate_at(step, config) for step in range(config.steps)])  # (steps,)
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip),
+                       optax.adamw(lambda count: schedule[count], b1=config.beta1, b2=config.beta2,
+                                   weight_decay=config.weight_decay, mask=decay_mask))
+
+
+def learning_rate_at(step, config):
+    """Linear warmup from 0 over warmup_steps, then cosine decay from learning_rate to min_learning_rate at the
+    last step. step counts the updates done before this one (0 for the first)."""
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)  # 0 -> 1
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))  # 1 -> 0
+    return config.min_learning_rate + cosine * (config.learning_rate - config.min_learning_rate)
+
+
+def make_steps(graphdef, buffers, optimizer):
+    """The train step and the evaluation loss, each compiled once by jax.jit as a pure function of the model's
+    parameters (nnx.split/merge): cheaper per call than nnx.jit, which walks the module graph every time."""
+    def loss_fn(params, x, y):
+        return nnx.merge(graphdef, params, buffers)(x, y)[1]
+
+    @partial(jax.jit, donate_argnums=(0, 1))  # params and optimizer state are updated in place
+    def train_step(params, opt_state, x, y):
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return train_step, jax.jit(loss_fn)
+
+
+def evaluate(eval_loss, params, tokens, config):
+    """Mean loss over eval_steps batches from a generator re-seeded at every evaluation: evaluations compare with
+    each other, and the training batches do not depend on when we evaluate."""
+    rng = np.random.default_rng(config.seed + 1)
+    losses = []
+    for _ in range(config.eval_steps):
+        x, y = get_batch(tokens, rng, config)
+        losses.append(eval_loss(params, x, y))
+    return float(np.mean(losses))
+
+
+def leaf_names(tree):
+    """'params/blocks/0/attn/query/kernel', ...: the checkpoint's array names, from the paths in the pytree."""
+    return [jax.tree_util.keystr(path, simple=True, separator="/") for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def open_checkpoint(config):
+    """The checkpoint to resume, or None for a fresh run. Refuses (exit 2) to overwrite a checkpoint, to resume
+    a missing one, or to resume into a different model."""
+    path = os.path.join(config.out_dir, "ckpt.npz")
+    if not config.resume:
+        if os.path.exists(path):
+            fail(f"{path} already holds a checkpoint; pass --resume=true to continue it or choose another --out_dir")
+        return None
+    if not os.path.exists(path):
+        fail(f"--resume=true but there is no checkpoint {path}; drop --resume or pass the right --out_dir")
+    checkpoint = dict(np.load(path, allow_pickle=False))  # arrays and a JSON string: loading runs no code
+    checkpoint["meta"] = json.loads(str(checkpoint["meta"]))
+    saved = checkpoint["meta"]["config"]
+    for name in MODEL_FIELDS:
+        if saved[name] != getattr(config, name):
+            fail(f"{path} holds a model with {name}={saved[name]}, not {getattr(config, name)}; "
+                 f"pass the same model options or choose another --out_dir")
+    if checkpoint["meta"]["step"] >= config.steps:
+        fail(f"{path} is already at step {checkpoint['meta']['step']}; pass a larger --steps to train further")
+    return checkpoint
+
+
+def save_checkpoint(params, opt_state, step, data_rng, config):
+    """Weights, optimizer state, step, data RNG state and config. Written to a temporary file and renamed over the
+    old one, so an interruption never leaves a broken checkpoint."""
+    os.makedirs(config.out_dir, exist_ok=True)
+    path = os.path.join(config.out_dir, "ckpt.npz")
+    meta = json.dumps({"step": step, "data_rng": data_rng.bit_generator.state, "config": asdict(config)})
+    state = {"params": params, "opt_state": opt_state}
+    arrays = dict(zip(leaf_names(state), map(np.asarray, jax.tree.leaves(state))))
+    with open(path + ".tmp", "wb") as f:  # a file object: given a name, np.savez would append ".npz"
+        np.savez(f, meta=np.array(meta), **arrays)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+
+@functools.cache  # one compiled sampler per model structure and setting: repeated generate calls reuse it
+def make_next_token(graphdef, temperature, top_k):
+    @jax.jit  # compiled once per shape of tokens (the prompt, half a context, one token), never per position
+    def next_token(state, tokens, cache, position, last, key, i):
+        """One sampling step: run tokens (at positions position, ...) through the model, then draw the next token
+        from softmax(logits / temperature) at index last, optionally among the top_k most likely only."""
+        logits, _ = nnx.merge(graphdef, state)(tokens, cache=cache, position=position)  # (1, len(tokens), vocab_size)
+        logits = logits[0, last] / temperature  # (vocab_size,)
+        if top_k > 0:
+            kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][-1]
+            logits = jnp.where(logits < kth, -jnp.inf, logits)
+        return jax.random.categorical(jax.random.fold_in(key, i), logits), cache  # a fresh key for draw i
+    return next_token
+
+
+def generate(model, prompt, max_new_tokens, temperature, top_k, key, use_cache=True):
+    """Sample max_new_tokens tokens one at a time. With the key/value cache the prompt runs through the model once
+    (prefill) and each new token costs one position; when the context fills max_len = rope_scaling * seq_len
+    positions, its last half is kept and prefilled again. use_cache=False reruns the model over the last max_len
+    tokens at every step: the slow path, kept for the tests and the benchmark."""
+    graphdef, state = nnx.split(model)
+    next_token = partial(make_next_token(graphdef, temperature, top_k), nnx.to_pure_dict(state))
+    tokens = list(prompt)
+    cache, position = None, 0  # position: how many tokens the cache holds
+    for i in range(max_new_tokens):
+        if not use_cache:  # one shape, one compilation: the context sits in a window of max_len, padded after its end
+            context = tokens[-model.max_len :]
+            window = np.zeros((1, model.max_len), np.int32)  # (1, max_len); causal, so the padding does not matter
+            window[0, : len(context)] = context
+            token, _ = next_token(window, None, 0, len(context) - 1, key, i)
+        elif cache is None or position == model.max_len:  # first step, or the cache is full: prefill
+            context = tokens[-model.max_len :] if cache is None else tokens[-(model.max_len // 2) :]
+            cache = model.new_cache(1)
+            token, cache = next_token(np.array([context], np.int32), cache, 0, len(context) - 1, key, i)
+            position = len(context)
+        else:  # one new position: the last token sampled
+            token, cache = next_token(np.array([tokens[-1:]], np.int32), cache, position, 0, key, i)
+            position += 1
+        tokens.append(int(token))
+    return tokens
+
+
+# -----------------------------------------------------------------------------
+# Main
+
+
+def main(argv=None):
+    config = parse_config(argv)
+    train_tokens, val_tokens, token_bytes, floor = load_data(config)
+    config.vocab_size = len(token_bytes)
+    checkpoint = open_checkpoint(config)  # before any work: a bad --resume stops here
+    init_key, sample_key = jax.random.split(jax.random.key(config.seed))
+    model = Llama(config, nnx.Rngs(init_key))
+    optimizer = make_optimizer(config)
+    data_rng = np.random.default_rng(config.seed)
+    start_step = 0
+    # jax transforms pure functions: split the model into its structure and plain nested dicts of arrays, the
+    # trained parameters and the fixed RoPE tables (a dict of Variables would cost a Python unflatten per parameter
+    # at every call)
+    graphdef, state, buffers = nnx.split(model, nnx.Param, ...)
+    params, buffers = nnx.to_pure_dict(state), nnx.to_pure_dict(buffers)
+    opt_state = optimizer.init(params)
+    if checkpoint is not None:
+        state = {"params": params, "opt_state": opt_state}
+        state = jax.tree.unflatten(jax.tree.structure(state), [checkpoint[name] for name in leaf_names(state)])
+        params, opt_state = state["params"], state["opt_state"]
+        data_rng.bit_generator.state = checkpoint["meta"]["data_rng"]
+        start_step = checkpoint["meta"]["step"]
+        print(f"resuming from step {start_step}")
+    byte_lengths = np.array([len(b) for b in token_bytes])
+    tokens_per_byte = len(val_tokens) / byte_lengths[val_tokens].sum()  # 1 for a byte corpus
+    print(f"data {config.data}: {len(train_tokens):,} train / {len(val_tokens):,} val tokens, "
+          f"vocab_size {config.vocab_size}")
+    print(f"model: {sum(p.size for p in jax.tree.leaves(params)):,} parameters")
+    train_step, eval_loss = make_steps(graphdef, buffers, optimizer)
+
+    stop_requested = []  # Ctrl-C only sets this flag: the current step finishes, then we save and exit
+    previous_handler = signal.signal(signal.SIGINT, lambda signum, frame: stop_requested.append(signum))
+    tokens_per_step = config.batch_size * config.seq_len
+    timer, timed_from = time.perf_counter(), start_step
+    for step in range(start_step, config.steps):
+        learning_rate = learning_rate_at(step, config)  # for the log: the optimizer reads it from its schedule
+        x, y = get_batch(train_tokens, data_rng, config)
+        params, opt_state, loss = train_step(params, opt_state, x, y)  # asynchronous: returns at once
+        done = step + 1  # steps completed
+        if done % config.log_interval == 0:
+            loss = float(loss)  # waits for the step: time only at log lines, so dispatch overlaps compute
+            ms = (time.perf_counter() - timer) * 1000 / (done - timed_from)
+            print(f"step {done:5d}/{config.steps} | loss {loss:.4f} | lr {learning_rate:.1e} | "
+                  f"{ms:.1f} ms/step | {tokens_per_step / ms:.1f}k tok/s", flush=True)
+            timer, timed_from = time.perf_counter(), done
+        if done % config.eval_interval == 0 or done == config.steps:
+            train_loss, val_loss = evaluate(eval_loss, params, train_tokens, config), evaluate(eval_loss, params, val_tokens, config)
+            bpb = val_loss / math.log(2) * tokens_per_byte
+            print(f"eval step {done:5d} | train {train_loss:.4f} | val {val_loss:.4f} | val bpb {bpb:.3f}"
+                  + (f" | floor {floor:.3f}" if floor is not None else ""), flush=True)
+            save_checkpoint(params, opt_state, done, data_rng, config)
+            timer, timed_from = time.perf_counter(), done  # keep evaluation out of ms/step
+        if stop_requested:
+            path = save_checkpoint(params, opt_state, done, data_rng, config)
+            print(f"interrupted: saved step {done} to {path}; continue with --resume=true", flush=True)
+            sys.exit(130)
+    signal.signal(signal.SIGINT, previous_handler)
+
+    nnx.update(model, params)  # the trained arrays back into the model object
+    ends_line = np.array([b.endswith(b"\n") for b in token_bytes])  # prompt from the val split: no encoder needed
+    prompt_len = max(1, config.seq_len // 4)
+    line_starts = np.flatnonzero(ends_line[val_tokens[: len(val_tokens) - prompt_len]]) + 1
+    start = line_starts[0] if len(line_starts) else 0  # begin at a line start rather than mid-word
+    prompt = val_tokens[start : start + prompt_len].tolist()
+    tokens = generate(model, prompt, config.sample_tokens, config.temperature, config.top_k, sample_key)
+    print("sample:\n" + b"".join(token_bytes[t] for t in tokens).decode("utf-8", errors="replace"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,544 @@
+"""Llama in PyTorch, in one file: the decoder-only transformer of Meta's Llama 3, trained to predict the next byte/token.
+
+What changed since GPT-2, and where it comes from:
+  - RMSNorm instead of LayerNorm, no biases anywhere (LLaMA: Touvron et al. 2023, "Open and Efficient Foundation
+    Language Models"; RMSNorm: Zhang & Sennrich 2019)
+  - rotary position embeddings on queries and keys instead of a learned position table (RoFormer: Su et al. 2021),
+    optionally stretched with YaRN to sample past the trained length (Peng et al. 2023, "YaRN: Efficient Context
+    Window Extension of Large Language Models")
+  - grouped-query attention: fewer key/value heads than query heads (Ainslie et al. 2023, "GQA")
+  - a SwiGLU feed-forward network (Shazeer 2020, "GLU Variants Improve Transformer")
+  - an untied output head, and optionally QK-norm: RMSNorm on each head's queries and keys (Qwen3, OLMo 2)
+  - a key/value cache, so that sampling costs one position per new token instead of the whole context
+With the same weights it computes the same logits as Meta's and Hugging Face's Llama (float32 RMSNorm, eps 1e-5,
+RoPE pairing dimension i with i + head_dim/2 as Hugging Face does; see apply_rope).
+
+    python llama_torch.py                                 # train on data/stories.txt, then sample
+    python llama_torch.py --num_kv_heads=1 --qk_norm=true # multi-query attention, normalized queries and keys
+    python llama_torch.py --rope_scaling=2                # YaRN: sample up to 2 * seq_len tokens of context
+
+diff me against llama_jax.py: the same program in JAX, line by line.
+"""
+
+import argparse
+import inspect
+import json
+import math
+import os
+import re
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class Config:
+    data: str = "data/stories.txt"  # a UTF-8 text file (bytes are tokens) or a bpe.py .npy token file
+    seed: int = 1337  # seeds the weights, the batches and sampling
+    vocab_size: int = 256  # set from the data at start (256 for bytes); not a command-line option
+    seq_len: int = 128  # tokens per training sequence; also YaRN's original context length
+    num_layers: int = 4  # number of transformer blocks
+    num_heads: int = 4  # query heads per block; head_dim = model_dim // num_heads
+    num_kv_heads: int = 2  # key/value heads (grouped-query attention): 1 = multi-query, num_heads = multi-head
+    model_dim: int = 128  # width of the residual stream
+    ffn_dim: int = 0  # SwiGLU hidden width; 0 = Llama's rule, 8/3 * model_dim rounded up to a multiple of 32
+    rope_theta: float = 10000.0  # RoPE base: dimension pair i turns by rope_theta**(-2i/head_dim) radians per position
+    rope_scaling: float = 1.0  # YaRN factor s: the context may grow to s * seq_len tokens (1 = plain RoPE)
+    yarn_alpha: float = 1.0  # YaRN ramp: pairs turning fewer than alpha times in seq_len are interpolated (divided by s)
+    yarn_beta: float = 32.0  # YaRN ramp: pairs turning more than beta times in seq_len are left unchanged
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys before RoPE (Qwen3, OLMo 2)
+    tie_embeddings: bool = False  # read logits through the token embedding (GPT-2) instead of a separate lm_head
+    batch_size: int = 16  # sequences per training step
+    steps: int = 2000  # optimizer steps in total
+    learning_rate: float = 1e-3  # peak learning rate, reached after warmup
+    min_learning_rate: float = 1e-4  # learning rate at the end of the cosine decay
+    warmup_steps: int = 100  # steps of linear warmup from 0 to learning_rate
+    weight_decay: float = 0.1  # AdamW decoupled weight decay, on weight matrices and embeddings only
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    grad_clip: float = 1.0  # clip the global gradient norm to this
+    eval_interval: int = 500  # evaluate and save a checkpoint every this many steps (and at the end)
+    eval_steps: int = 20  # batches per evaluation of each split
+    log_interval: int = 100  # print the training loss every this many steps
+    out_dir: str = "out/llama_torch"  # where the checkpoint lives
+    resume: bool = False  # continue from the checkpoint in out_dir
+    sample_tokens: int = 300  # tokens to generate; past rope_scaling * seq_len of context, the oldest half is cropped
+    temperature: float = 0.8  # sampling temperature (lower = more conservative)
+    top_k: int = 40  # sample only among the top_k most likely tokens (0 = all)
+
+
+# the options that fix the weights' meaning; rope_scaling and the YaRN ramp may change on --resume, which is
+# YaRN's use: stretch the positions of a model trained with plain RoPE, then train it a little longer
+MODEL_FIELDS = ("vocab_size", "seq_len", "num_layers", "num_heads", "num_kv_heads", "model_dim", "ffn_dim",
+                "rope_theta", "qk_norm", "tie_embeddings")
+
+
+def fail(message):
+    """A user's mistake: one line on stderr that names it, exit status 2, no traceback."""
+    print(f"{os.path.basename(__file__)}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_bool(text):
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def parse_config(argv=None):
+    """Every Config field but vocab_size is a --name=value option; --help shows the field comments."""
+    comments = dict(re.findall(r"^\s+(\w+): .*?#\s*(.*)$", inspect.getsource(Config), re.M))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.error = fail  # argparse would print the usage too; one line is enough
+    for field in fields(Config):
+        if field.name != "vocab_size":
+            parser.add_argument(f"--{field.name}", type=parse_bool if field.type is bool else field.type,
+                                default=field.default, metavar=field.type.__name__, help=comments[field.name])
+    config = Config(**vars(parser.parse_args(argv)))
+    for name in ("seq_len", "num_layers", "num_heads", "num_kv_heads", "model_dim", "batch_size", "steps",
+                 "eval_interval", "eval_steps", "log_interval"):
+        if getattr(config, name) < 1:
+            fail(f"--{name}={getattr(config, name)} must be at least 1")
+    checks = [
+        (config.model_dim % config.num_heads == 0,
+         f"--model_dim={config.model_dim} is not divisible by --num_heads={config.num_heads}; pick a multiple"),
+        (config.num_heads % config.num_kv_heads == 0,
+         f"--num_heads={config.num_heads} is not divisible by --num_kv_heads={config.num_kv_heads}; pick a divisor"),
+        ((config.model_dim // config.num_heads) % 2 == 0,
+         f"head_dim = --model_dim / --num_heads = {config.model_dim // config.num_heads} must be even for RoPE's pairs"),
+        (config.ffn_dim >= 0, f"--ffn_dim={config.ffn_dim} must be >= 0 (0 = Llama's rule)"),
+        (config.rope_theta > 1, f"--rope_theta={config.rope_theta} must be > 1"),
+        (config.rope_scaling >= 1, f"--rope_scaling={config.rope_scaling} must be >= 1 (1 = plain RoPE)"),
+        (0 <= config.yarn_alpha < config.yarn_beta,
+         f"--yarn_alpha={config.yarn_alpha} and --yarn_beta={config.yarn_beta} need 0 <= alpha < beta"),
+        (0 <= config.warmup_steps <= config.steps,
+         f"--warmup_steps={config.warmup_steps} must be between 0 and --steps={config.steps}"),
+        (0 <= config.min_learning_rate <= config.learning_rate,
+         f"--min_learning_rate={config.min_learning_rate} must be between 0 and --learning_rate={config.learning_rate}"),
+        (0 <= config.beta1 < 1 and 0 <= config.beta2 < 1, "--beta1 and --beta2 must be in [0, 1)"),
+        (config.weight_decay >= 0 and config.grad_clip > 0, "--weight_decay must be >= 0 and --grad_clip > 0"),
+        (config.temperature > 0 and config.top_k >= 0 and config.sample_tokens >= 0,
+         "--temperature must be > 0, --top_k and --sample_tokens >= 0"),
+        (os.path.isfile(config.data), f"data file {config.data} not found; pass --data=PATH (a text file or a .npy)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            fail(message)
+    return config
+
+# -----------------------------------------------------------------------------
+# Model
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight (Zhang & Sennrich 2019): LayerNorm without the mean subtraction and the bias, cheaper and
+    as good. Computed in float32 whatever the input dtype, as Meta's reference does, because the mean of squares
+    is where low precision hurts."""
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)  # (..., dim), rms 1 per vector
+        return x32.type_as(x) * self.weight
+
+
+def rope_frequencies(config):
+    """RoPE's angular frequencies, one per dimension pair: theta_i = rope_theta**(-2i/head_dim) radians per position,
+    and YaRN's attention factor. With rope_scaling s > 1, YaRN (Peng et al. 2023, section 3.2, "NTK-by-parts")
+    looks at r_i = seq_len / wavelength_i, the turns pair i makes over the trained context: pairs with r > beta
+    turned many times during training and already saw every angle, so they stay; pairs with r < alpha never
+    completed a turn, so they are interpolated (theta / s keeps every angle inside the trained range); a linear
+    ramp gamma blends in between. Section 3.4: softmax temperature sqrt(1/t) = 0.1 ln(s) + 1 on queries and keys."""
+    head_dim = config.model_dim // config.num_heads
+    theta = config.rope_theta ** (-np.arange(0, head_dim, 2) / head_dim)  # (head_dim // 2,) radians per position
+    if config.rope_scaling == 1:
+        return theta, 1.0  # plain RoPE, bit for bit: the ramp below would round
+    turns = config.seq_len / (2 * math.pi / theta)  # (head_dim // 2,) r_i = seq_len / wavelength_i
+    gamma = np.clip((turns - config.yarn_alpha) / (config.yarn_beta - config.yarn_alpha), 0, 1)
+    theta = (1 - gamma) * theta / config.rope_scaling + gamma * theta  # (head_dim // 2,) h(theta_i), eq. 20
+    return theta, 0.1 * math.log(config.rope_scaling) + 1
+
+
+def rope_tables(config, max_len):
+    """cos and sin of position * theta_i for positions 0 .. max_len - 1, each pair's angle written at i and at
+    i + head_dim/2 (the split-halves pairing of apply_rope), times YaRN's attention factor (1 for plain RoPE).
+    Computed once in float64 with numpy, stored in float32: both twins get the very same tables."""
+    theta, attention_factor = rope_frequencies(config)
+    angle = np.arange(max_len)[:, None] * theta[None, :]  # (max_len, head_dim // 2)
+    angle = np.concatenate([angle, angle], axis=-1)  # (max_len, head_dim)
+    return ((np.cos(angle) * attention_factor).astype(np.float32),
+            (np.sin(angle) * attention_factor).astype(np.float32))
+
+
+def apply_rope(x, cos, sin):
+    """Rotary position embedding (Su et al. 2021, eq. 34): rotate each dimension pair by position * theta_i, so that
+    query . key depends on the positions only through their difference. Pairs are split halves, (x_i, x_{i+head_dim/2}),
+    as in Hugging Face's "rotate_half". Meta's reference pairs neighbours (x_2i, x_2i+1): the same model with the
+    rows of the query and key projections permuted (Hugging Face permutes them when it converts Meta's weights)."""
+    first, second = x.chunk(2, dim=-1)  # 2 x (batch_size, heads, seq_len, head_dim // 2)
+    rotated = torch.cat([-second, first], dim=-1)  # (batch_size, heads, seq_len, head_dim)
+    return x * cos + rotated * sin  # (x_i, x_j) -> (x_i cos - x_j sin, x_j cos + x_i sin)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention (Ainslie et al. 2023): num_heads query heads share num_kv_heads key/value
+    heads, query head h reading kv head h // (num_heads // num_kv_heads). The cache, which sampling keeps, shrinks by
+    that ratio. out = softmax(query @ key^T * head_dim**-0.5 + mask) @ value, mask = 0 where key j <= query i, else
+    -inf; F.scaled_dot_product_attention computes exactly this in one fused kernel."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.head_dim = config.model_dim // config.num_heads
+        self.query = nn.Linear(config.model_dim, config.num_heads * self.head_dim, bias=False)
+        self.key = nn.Linear(config.model_dim, config.num_kv_heads * self.head_dim, bias=False)
+        self.value = nn.Linear(config.model_dim, config.num_kv_heads * self.head_dim, bias=False)
+        self.out_proj = nn.Linear(config.num_heads * self.head_dim, config.model_dim, bias=False)
+        # QK-norm: bounds the attention logits, which otherwise can grow until training diverges
+        self.query_norm = RMSNorm(self.head_dim) if config.qk_norm else None
+        self.key_norm = RMSNorm(self.head_dim) if config.qk_norm else None
+
+    def forward(self, x, cos, sin, mask, cache, position):
+        batch_size, seq_len, model_dim = x.shape
+        query = self.query(x).view(batch_size, seq_len, self.num_heads, self.head_dim)
+        key = self.key(x).view(batch_size, seq_len, self.num_kv_heads, self.head_dim)
+        value = self.value(x).view(batch_size, seq_len, self.num_kv_heads, self.head_dim)
+        if self.query_norm is not None:  # over head_dim, for each head: before RoPE, which keeps the norm
+            query, key = self.query_norm(query), self.key_norm(key)
+        query, key, value = (t.transpose(1, 2) for t in (query, key, value))  # (batch_size, heads, seq_len, head_dim)
+        query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
+        if cache is not None:  # write these positions' keys and values, then attend over all slots written so far
+            cache[0][:, :, position : position + seq_len] = key  # (batch_size, num_kv_heads, max_len, head_dim)
+            cache[1][:, :, position : position + seq_len] = value
+            key, value = cache[0][:, :, : position + seq_len], cache[1][:, :, : position + seq_len]
+        # query head h reads kv head h // (num_heads // num_kv_heads), as if each kv head were repeated
+        # (repeat_interleave) that many times; enable_gqa does it without the copy
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=mask is None,
+                                             enable_gqa=True)  # (batch_size, num_heads, seq_len, head_dim)
+        out = out.transpose(1, 2).reshape(batch_size, seq_len, model_dim)  # (batch_size, seq_len, model_dim)
+        return self.out_proj(out)
+
+
+def llama_ffn_dim(model_dim):
+    """Llama's hidden width: SwiGLU has three matrices where GPT's MLP has two, so 2/3 of GPT's 4 * model_dim keeps
+    the parameter count; rounded up to a multiple of 32 (Meta's multiple_of, 256 or 1024 at full size)."""
+    return 32 * math.ceil(8 * model_dim // 3 / 32)
+
+
+class SwiGLU(nn.Module):
+    """Gated feed-forward network (Shazeer 2020): down(silu(gate(x)) * up(x)). The gate decides, per hidden unit
+    and token, how much of up(x) passes; at equal parameters this beats GPT's GELU MLP."""
+
+    def __init__(self, config):
+        super().__init__()
+        ffn_dim = config.ffn_dim or llama_ffn_dim(config.model_dim)
+        self.gate = nn.Linear(config.model_dim, ffn_dim, bias=False)
+        self.up = nn.Linear(config.model_dim, ffn_dim, bias=False)
+        self.down = nn.Linear(ffn_dim, config.model_dim, bias=False)
+
+    def forward(self, x):
+        x = F.silu(self.gate(x)) * self.up(x)  # (batch_size, seq_len, ffn_dim)
+        return self.down(x)  # (batch_size, seq_len, model_dim)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block, as GPT-2 but with RMSNorm: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.model_dim)
+        self.attn = Attention(config)
+        self.ffn_norm = RMSNorm(config.model_dim)
+        self.ffn = SwiGLU(config)
+
+    def forward(self, x, cos, sin, mask, cache, position):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, position)  # (batch_size, seq_len, model_dim)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Llama(nn.Module):
+    """Token embedding -> num_layers blocks -> final RMSNorm -> lm_head, a separate output matrix (Llama; GPT-2 ties
+    it to the embedding). No position embedding: positions enter only through RoPE inside attention, so the model
+    can run past seq_len (with YaRN, to max_len = rope_scaling * seq_len)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.num_kv_heads, self.head_dim = config.num_kv_heads, config.model_dim // config.num_heads
+        self.max_len = int(config.rope_scaling * config.seq_len)  # the longest context RoPE (+ YaRN) serves
+        self.token_embedding = nn.Embedding(config.vocab_size, config.model_dim)
+        cos, sin = rope_tables(config, self.max_len)  # 2 x (max_len, head_dim)
+        self.register_buffer("cos", torch.from_numpy(cos), persistent=False)  # fixed: no gradient, not saved
+        self.register_buffer("sin", torch.from_numpy(sin), persistent=False)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.num_layers)])
+        self.final_norm = RMSNorm(config.model_dim)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.model_dim, config.vocab_size, bias=False)
+        # N(0, 0.02) weights; the two projections that write into the residual stream get std / sqrt(2 * num_layers),
+        # so the stream's variance does not grow with depth (GPT-2); RMSNorm weights start at 1
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                residual = name.endswith(("out_proj", "down"))
+                nn.init.normal_(module.weight, 0.0, 0.02 / math.sqrt(2 * config.num_layers) if residual else 0.02)
+
+    def forward(self, tokens, targets=None, cache=None, position=0):
+        """Logits for tokens at positions position, position + 1, ...; and the loss if targets are given. With a
+        cache (sampling), earlier positions' keys and values come from it and these tokens' are written into it."""
+        batch_size, seq_len = tokens.shape
+        cos = self.cos[position : position + seq_len]  # (seq_len, head_dim)
+        sin = self.sin[position : position + seq_len]
+        # query i sits at position + i and sees key j if j <= position + i; without a cache that is the plain causal
+        # mask, which F.scaled_dot_product_attention applies itself (is_causal)
+        mask = None if cache is None else (torch.arange(position + seq_len)
+                                           <= position + torch.arange(seq_len)[:, None])  # (seq_len, num_keys)
+        x = self.token_embedding(tokens)  # (batch_size, seq_len, model_dim)
+        for layer, block in enumerate(self.blocks):
+            layer_cache = None if cache is None else cache[layer]
+            x = block(x, cos, sin, mask, layer_cache, position)  # (batch_size, seq_len, model_dim)
+        x = self.final_norm(x)
+        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.token_embedding.weight)
+        if targets is None:
+            return logits, None  # (batch_size, seq_len, vocab_size)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())  # mean over batch_size * seq_len tokens
+        return logits, loss
+
+    def new_cache(self, batch_size):
+        """One [key, value] pair per layer, preallocated for max_len positions: appending never reallocates."""
+        shape = (batch_size, self.num_kv_heads, self.max_len, self.head_dim)
+        return [[torch.zeros(shape), torch.zeros(shape)] for _ in self.blocks]
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+def load_data(config):
+    """The corpus as token ids split 90/10, each token's bytes (to decode samples and count bytes for bits per
+    byte), and the corpus's entropy floor in val bits per byte if a <name>.floor.json sits beside it."""
+    if config.data.endswith(".npy"):  # tokenized by bpe.py; its vocabulary is in the .json of the same name
+        vocab_path = config.data[: -len(".npy")] + ".json"
+        if not os.path.isfile(vocab_path):
+            fail(f"{vocab_path} (the vocabulary of {config.data}) not found; tokenize again with bpe.py")
+        tokens = np.load(config.data, allow_pickle=False)
+        with open(vocab_path) as f:
+            token_bytes = [bytes.fromhex(token) for token in json.load(f)["token_bytes"]]
+    else:
+        with open(config.data, "rb") as f:
+            tokens = np.frombuffer(f.read(), dtype=np.uint8)
+        token_bytes = [bytes([i]) for i in range(256)]
+    split = int(0.9 * len(tokens))
+    train_tokens, val_tokens = tokens[:split], tokens[split:]  # the last 10% is validation
+    if min(len(train_tokens), len(val_tokens)) < config.seq_len + 1:
+        fail(f"{config.data} has {len(tokens)} tokens, too few for {config.seq_len + 1} in each of the train and "
+             f"val splits; use a longer corpus or a smaller --seq_len")
+    name = os.path.basename(config.data).split(".")[0]  # data/stories.txt and data/stories.bpe1024.npy: stories
+    floor_path = os.path.join(os.path.dirname(config.data), name + ".floor.json")
+    floor = None
+    if os.path.isfile(floor_path):
+        with open(floor_path) as f:
+            floor = json.load(f)["val_bpb"]
+    return train_tokens, val_tokens, token_bytes, floor
+
+
+def get_batch(tokens, rng, config):
+    """batch_size random windows: inputs and their next-token targets. A numpy generator picks the offsets, so
+    the torch and jax twins draw identical batches."""
+    offsets = rng.integers(0, len(tokens) - config.seq_len, size=config.batch_size)  # (batch_size,)
+    index = offsets[:, None] + np.arange(config.seq_len)  # (batch_size, seq_len)
+    return tokens[index].astype(np.int64), tokens[index + 1].astype(np.int64)  # torch embeds int64 ids
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def make_optimizer(model, config):
+    """AdamW; weight decay only on tensors of two or more dims (matrices, embeddings), not biases or norm gains."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2))
+
+
+def learning_rate_at(step, config):
+    """Linear warmup from 0 over warmup_steps, then cosine decay from learning_rate to min_learning_rate at the
+    last step. step counts the updates done before this one (0 for the first)."""
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)  # 0 -> 1
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))  # 1 -> 0
+    return config.min_learning_rate + cosine * (config.learning_rate - config.min_learning_rate)
+
+
+@torch.no_grad()
+def evaluate(model, tokens, config):
+    """Mean loss over eval_steps batches from a generator re-seeded at every evaluation: evaluations compare with
+    each other, and the training batches do not depend on when we evaluate."""
+    model.eval()
+    rng = np.random.default_rng(config.seed + 1)
+    losses = []
+    for _ in range(config.eval_steps):
+        x, y = get_batch(tokens, rng, config)
+        losses.append(model(torch.from_numpy(x), torch.from_numpy(y))[1].item())
+    model.train()
+    return float(np.mean(losses))
+
+
+def open_checkpoint(config):
+    """The checkpoint to resume, or None for a fresh run. Refuses (exit 2) to overwrite a checkpoint, to resume
+    a missing one, or to resume into a different model."""
+    path = os.path.join(config.out_dir, "ckpt.pt")
+    if not config.resume:
+        if os.path.exists(path):
+            fail(f"{path} already holds a checkpoint; pass --resume=true to continue it or choose another --out_dir")
+        return None
+    if not os.path.exists(path):
+        fail(f"--resume=true but there is no checkpoint {path}; drop --resume or pass the right --out_dir")
+    checkpoint = torch.load(path, weights_only=True)  # tensors and plain types only: loading runs no code
+    checkpoint["meta"] = json.loads(checkpoint["meta"])
+    saved = checkpoint["meta"]["config"]
+    for name in MODEL_FIELDS:
+        if saved[name] != getattr(config, name):
+            fail(f"{path} holds a model with {name}={saved[name]}, not {getattr(config, name)}; "
+                 f"pass the same model options or choose another --out_dir")
+    if checkpoint["meta"]["step"] >= config.steps:
+        fail(f"{path} is already at step {checkpoint['meta']['step']}; pass a larger --steps to train further")
+    return checkpoint
+
+
+def save_checkpoint(model, optimizer, step, data_rng, config):
+    """Weights, optimizer state, step, data RNG state and config. Written to a temporary file and renamed over the
+    old one, so an interruption never leaves a broken checkpoint."""
+    os.makedirs(config.out_dir, exist_ok=True)
+    path = os.path.join(config.out_dir, "ckpt.pt")
+    meta = json.dumps({"step": step, "data_rng": data_rng.bit_generator.state, "config": asdict(config)})
+    checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "meta": meta}
+    torch.save(checkpoint, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+
+@torch.no_grad()
+def next_token(model, tokens, cache, position, last, temperature, top_k):
+    """One sampling step: run tokens (at positions position, ...) through the model, then draw the next token from
+    softmax(logits / temperature) at index last, optionally among the top_k most likely only."""
+    logits, _ = model(torch.from_numpy(tokens), cache=cache, position=position)  # (1, len(tokens), vocab_size)
+    logits = logits[0, last] / temperature  # (vocab_size,)
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[-1]
+        logits = torch.where(logits < kth, -math.inf, logits)
+    return int(torch.multinomial(F.softmax(logits, dim=-1), 1)), cache
+
+
+def generate(model, prompt, max_new_tokens, temperature, top_k, use_cache=True):
+    """Sample max_new_tokens tokens one at a time. With the key/value cache the prompt runs through the model once
+    (prefill) and each new token costs one position; when the context fills max_len = rope_scaling * seq_len
+    positions, its last half is kept and prefilled again. use_cache=False reruns the model over the last max_len
+    tokens at every step: the slow path, kept for the tests and the benchmark."""
+    model.eval()
+    tokens = list(prompt)
+    cache, position = None, 0  # position: how many tokens the cache holds
+    for _ in range(max_new_tokens):
+        if not use_cache:  # eager torch takes any length: no padding needed
+            context = tokens[-model.max_len :]
+            token, _ = next_token(model, np.array([context]), None, 0, -1, temperature, top_k)
+        elif cache is None or position == model.max_len:  # first step, or the cache is full: prefill
+            context = tokens[-model.max_len :] if cache is None else tokens[-(model.max_len // 2) :]
+            cache = model.new_cache(1)
+            token, cache = next_token(model, np.array([context]), cache, 0, -1, temperature, top_k)
+            position = len(context)
+        else:  # one new position: the last token sampled
+            token, cache = next_token(model, np.array([tokens[-1:]]), cache, position, 0, temperature, top_k)
+            position += 1
+        tokens.append(token)
+    return tokens
+
+
+# -----------------------------------------------------------------------------
+# Main
+
+
+def main(argv=None):
+    config = parse_config(argv)
+    train_tokens, val_tokens, token_bytes, floor = load_data(config)
+    config.vocab_size = len(token_bytes)
+    checkpoint = open_checkpoint(config)  # before any work: a bad --resume stops here
+    torch.manual_seed(config.seed)
+    model = Llama(config)
+    optimizer = make_optimizer(model, config)
+    data_rng = np.random.default_rng(config.seed)
+    start_step = 0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        data_rng.bit_generator.state = checkpoint["meta"]["data_rng"]
+        start_step = checkpoint["meta"]["step"]
+        print(f"resuming from step {start_step}")
+    byte_lengths = np.array([len(b) for b in token_bytes])
+    tokens_per_byte = len(val_tokens) / byte_lengths[val_tokens].sum()  # 1 for a byte corpus
+    print(f"data {config.data}: {len(train_tokens):,} train / {len(val_tokens):,} val tokens, "
+          f"vocab_size {config.vocab_size}")
+    print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
+
+    stop_requested = []  # Ctrl-C only sets this flag: the current step finishes, then we save and exit
+    previous_handler = signal.signal(signal.SIGINT, lambda signum, frame: stop_requested.append(signum))
+    tokens_per_step = config.batch_size * config.seq_len
+    timer, timed_from = time.perf_counter(), start_step
+    for step in range(start_step, config.steps):
+        learning_rate = learning_rate_at(step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate
+        x, y = get_batch(train_tokens, data_rng, config)
+        _, loss = model(torch.from_numpy(x), torch.from_numpy(y))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        done = step + 1  # steps completed
+        if done % config.log_interval == 0:
+            ms = (time.perf_counter() - timer) * 1000 / (done - timed_from)
+            print(f"step {done:5d}/{config.steps} | loss {loss.item():.4f} | lr {learning_rate:.1e} | "
+                  f"{ms:.1f} ms/step | {tokens_per_step / ms:.1f}k tok/s", flush=True)
+            timer, timed_from = time.perf_counter(), done
+        if done % config.eval_interval == 0 or done == config.steps:
+            train_loss, val_loss = evaluate(model, train_tokens, config), evaluate(model, val_tokens, config)
+            bpb = val_loss / math.log(2) * tokens_per_byte
+            print(f"eval step {done:5d} | train {train_loss:.4f} | val {val_loss:.4f} | val bpb {bpb:.3f}"
+                  + (f" | floor {floor:.3f}" if floor is not None else ""), flush=True)
+            save_checkpoint(model, optimizer, done, data_rng, config)
+            timer, timed_from = time.perf_counter(), done  # keep evaluation out of ms/step
+        if stop_requested:
+            path = save_checkpoint(model, optimizer, done, data_rng, config)
+            print(f"interrupted: saved step {done} to {path}; continue with --resume=true", flush=True)
+            sys.exit(130)
+    signal.signal(signal.SIGINT, previous_handler)
+
+    ends_line = np.array([b.endswith(b"\n") for b in token_bytes])  # prompt from the val split: no encoder needed
+    prompt_len = max(1, config.seq_len // 4)
+    line_starts = np.flatnonzero(ends_line[val_tokens[: len(val_tokens) - prompt_len]]) + 1
+    start = line_starts[0] if len(line_starts) else 0  # begin at a line start rather than mid-word
+    prompt = val_tokens[start : start + prompt_len].tolist()
+    tokens = generate(model, prompt, config.sample_tokens, config.temperature, config.top_k)
+    print("sample:\n" + b"".join(token_bytes[t] for t in tokens).decode("utf-8", errors="replace"))
+
+
+if __name__ == "__main__":
+    main()
