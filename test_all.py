@@ -99,9 +99,9 @@ def copy_torch_to_jax(torch_model, jax_model):
 
 def run_scripts(*commands):
     """Run the given [script, args...] commands as a user would, side by side (they mostly wait on imports);
-    returns their CompletedProcess results."""
-    processes = [subprocess.Popen([sys.executable, *command], cwd=ROOT, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for command in commands]
+    returns their CompletedProcess results. One torch thread each: two processes share the two cores."""
+    processes = [subprocess.Popen([sys.executable, *command], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env=dict(os.environ, OMP_NUM_THREADS="1")) for command in commands]
     results = []
     for command, process in zip(commands, processes):
         stdout, stderr = process.communicate(timeout=120)
@@ -121,6 +121,47 @@ def run_main(module, args):
     with contextlib.redirect_stdout(out):
         module.main(args)
     return out.getvalue()
+
+
+def make_checkpoint_dir(path):
+    """A folder that holds (empty) checkpoints of both frameworks: a fresh run must refuse to overwrite them."""
+    os.makedirs(path)
+    for name in ("ckpt.pt", "ckpt.npz"):
+        open(os.path.join(path, name), "wb").close()
+
+
+def assert_main_refuses(modules, data, out_dir, cases):
+    """Each (arguments, word) case stops main() before any work: exit status 2 and one line on stderr that
+    contains the word. In-process, so it is cheap, and a traceback fails the test; nothing is written."""
+    for module in modules:
+        for args, word in cases:
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                try:
+                    module.main([f"--data={data}", f"--out_dir={out_dir}", *args])
+                    raise AssertionError(f"{module.__name__} accepted {args}")
+                except SystemExit as exit:
+                    assert exit.code == 2, (module.__name__, args)
+            lines = err.getvalue().splitlines()
+            assert len(lines) == 1 and word in lines[0], (module.__name__, args, lines)
+    assert not os.path.exists(out_dir)
+
+
+def assert_smoke_runs(scripts, *args):
+    """The twins as a user runs them, side by side (tiny model, 40 steps): exit status 0, the logged loss falls
+    from about ln 256 = 5.5 to below 3.5, an eval line, a sample, a checkpoint."""
+    with tempfile.TemporaryDirectory() as tmp:
+        common = [f"--data={write_tiny_corpus(tmp)}", "--seq_len=32", "--model_dim=64", "--batch_size=8", "--steps=40",
+                  "--warmup_steps=5", "--learning_rate=3e-3", "--log_interval=5", "--eval_interval=40",
+                  "--eval_steps=2", "--sample_tokens=20", *args]
+        results = run_scripts(*([script, *common, f"--out_dir={tmp}/{script}"] for script in scripts))
+        for script, result in zip(scripts, results):
+            assert result.returncode == 0, result.stderr
+            losses = parse_losses(result.stdout)
+            assert len(losses) == 8 and losses[-1] < losses[0] - 2.0, (script, losses)
+            assert re.search(r"^eval step +40 \| train [0-9.]+ \| val [0-9.]+ \| val bpb [0-9.]+$", result.stdout, re.M)
+            assert "\nsample:\n" in result.stdout
+            assert os.path.exists(f"{tmp}/{script}/ckpt." + ("pt" if "torch" in script else "npz"))
 
 
 def parse_losses(stdout):
@@ -377,29 +418,14 @@ def test_gpt_alibi_slopes_and_bias():
 # ---- the scripts as a user runs them ----------------------------------------------------------------------------
 
 def test_gpt_smoke_runs():
-    with tempfile.TemporaryDirectory() as tmp:
-        data = write_tiny_corpus(tmp)
-        args = [f"--data={data}", "--seq_len=32", "--num_layers=1", "--model_dim=64", "--batch_size=8", "--steps=40",
-                "--warmup_steps=5", "--learning_rate=3e-3", "--log_interval=5", "--eval_interval=40", "--eval_steps=2",
-                "--sample_tokens=20"]
-        scripts = ("gpt_torch.py", "gpt_jax.py")
-        results = run_scripts(*([script, *args, f"--out_dir={tmp}/{script}"] for script in scripts))
-        for script, result in zip(scripts, results):
-            assert result.returncode == 0, result.stderr
-            losses = parse_losses(result.stdout)
-            assert len(losses) == 8 and losses[-1] < losses[0] - 2.0, (script, losses)  # ln 256 = 5.5 -> below 3.5
-            assert re.search(r"^eval step +40 \| train [0-9.]+ \| val [0-9.]+ \| val bpb [0-9.]+$", result.stdout, re.M)
-            assert "\nsample:\n" in result.stdout
-        assert os.path.exists(f"{tmp}/gpt_torch.py/ckpt.pt") and os.path.exists(f"{tmp}/gpt_jax.py/ckpt.npz")
+    assert_smoke_runs(("gpt_torch.py", "gpt_jax.py"), "--num_layers=1")
 
 
 def test_gpt_cli_errors():
     """A user's mistake: exit status 2 and exactly one line on stderr that names it; nothing is trained."""
     with tempfile.TemporaryDirectory() as tmp:
         data = write_tiny_corpus(tmp)
-        os.makedirs(f"{tmp}/taken")
-        for name in ("ckpt.pt", "ckpt.npz"):
-            open(f"{tmp}/taken/{name}", "wb").close()
+        make_checkpoint_dir(f"{tmp}/taken")
         cases = [  # (arguments, a word the message must contain)
             (["--bogus=1"], "--bogus"),
             (["--steps=abc"], "--steps"),
@@ -413,18 +439,7 @@ def test_gpt_cli_errors():
             (["--resume=true", f"--out_dir={tmp}/empty"], "resume"),
             ([f"--out_dir={tmp}/taken"], "--resume=true"),  # never overwrite a checkpoint
         ]
-        for module in (gpt_torch, gpt_jax):  # in-process: cheap, and a traceback would fail the test
-            for args, word in cases:
-                err = io.StringIO()
-                with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-                    try:
-                        module.main([f"--data={data}", f"--out_dir={tmp}/out", *args])
-                        raise AssertionError(f"{module.__name__} accepted {args}")
-                    except SystemExit as exit:
-                        assert exit.code == 2, (module.__name__, args)
-                lines = err.getvalue().splitlines()
-                assert len(lines) == 1 and word in lines[0], (module.__name__, args, lines)
-        assert not os.path.exists(f"{tmp}/out")
+        assert_main_refuses((gpt_torch, gpt_jax), data, f"{tmp}/out", cases)
         for result in run_scripts(["gpt_torch.py", f"--data={data}", "--steps=abc"],  # as a user runs them
                                   ["gpt_jax.py", f"--data={data}", "--model_dim=30"]):
             assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result
@@ -999,32 +1014,14 @@ def test_llama_yarn_frequencies():
 # ---- the scripts as a user runs them ----------------------------------------------------------------------------
 
 def test_llama_smoke_runs():
-    """Both twins as a user runs them (side by side: the two processes run at once): the loss falls, an eval line,
-    a sample, a checkpoint."""
-    with tempfile.TemporaryDirectory() as tmp:
-        data = write_tiny_corpus(tmp)
-        processes = {script: subprocess.Popen(
-            [sys.executable, script, f"--data={data}", f"--out_dir={tmp}/{script}", "--seq_len=32", "--num_layers=2",
-             "--model_dim=64", "--batch_size=8", "--steps=40", "--warmup_steps=5", "--learning_rate=3e-3",
-             "--log_interval=5", "--eval_interval=40", "--eval_steps=2", "--sample_tokens=20"], cwd=ROOT, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
-            for script in ("llama_torch.py", "llama_jax.py")}
-        for script, process in processes.items():
-            stdout, stderr = process.communicate(timeout=120)
-            assert process.returncode == 0, stderr
-            losses = parse_losses(stdout)
-            assert len(losses) == 8 and losses[-1] < losses[0] - 2.0, (script, losses)  # ln 256 = 5.5 -> below 3.5
-            assert re.search(r"^eval step +40 \| train [0-9.]+ \| val [0-9.]+ \| val bpb [0-9.]+$", stdout, re.M)
-            assert "\nsample:\n" in stdout and os.path.exists(f"{tmp}/{script}/ckpt." + ("pt" if "torch" in script else "npz"))
+    assert_smoke_runs(("llama_torch.py", "llama_jax.py"), "--num_layers=2")
 
 
 def test_llama_cli_errors():
     """A user's mistake: exit status 2 and exactly one line on stderr that names it; nothing is trained."""
     with tempfile.TemporaryDirectory() as tmp:
         data = write_tiny_corpus(tmp)
-        os.makedirs(f"{tmp}/taken")
-        for name in ("ckpt.pt", "ckpt.npz"):
-            open(f"{tmp}/taken/{name}", "wb").close()
+        make_checkpoint_dir(f"{tmp}/taken")
         cases = [  # (arguments, a word the message must contain)
             (["--bogus=1"], "--bogus"),
             (["--num_kv_heads=3"], "num_kv_heads"),  # 4 query heads cannot share 3 kv heads
@@ -1042,18 +1039,7 @@ def test_llama_cli_errors():
             (["--resume=true", f"--out_dir={tmp}/empty"], "resume"),
             ([f"--out_dir={tmp}/taken"], "--resume=true"),  # never overwrite a checkpoint
         ]
-        for module in (llama_torch, llama_jax):  # in-process: cheap, and a traceback would fail the test
-            for args, word in cases:
-                err = io.StringIO()
-                with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-                    try:
-                        module.main([f"--data={data}", f"--out_dir={tmp}/out", *args])
-                        raise AssertionError(f"{module.__name__} accepted {args}")
-                    except SystemExit as exit:
-                        assert exit.code == 2, (module.__name__, args)
-                lines = err.getvalue().splitlines()
-                assert len(lines) == 1 and word in lines[0], (module.__name__, args, lines)
-        assert not os.path.exists(f"{tmp}/out")
+        assert_main_refuses((llama_torch, llama_jax), data, f"{tmp}/out", cases)
         for script, args in (("llama_torch.py", ["--num_kv_heads=3"]), ("llama_jax.py", ["--rope_scaling=0.5"])):
             result = run_script(script, f"--data={data}", f"--out_dir={tmp}/out", *args)  # as a user
             assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, (script, args, result.stderr)
