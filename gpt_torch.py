@@ -44,9 +44,9 @@ class Config:
     model_dim: int = 128  # width of the residual stream; the MLP is 4 * model_dim wide
     position_embedding: str = "learned"  # learned (GPT-2), sinusoidal (Vaswani et al.) or alibi (Press et al.)
     dropout: float = 0.0  # dropout probability during training (0 = off, fine for small data)
-    batch_size: int = 16  # sequences per training step
-    steps: int = 2000  # optimizer steps in total
-    learning_rate: float = 1e-3  # peak learning rate, reached after warmup
+    batch_size: int = 8  # sequences per training step
+    steps: int = 1500  # optimizer steps in total
+    learning_rate: float = 2e-3  # peak learning rate, reached after warmup
     min_learning_rate: float = 1e-4  # learning rate at the end of the cosine decay
     warmup_steps: int = 100  # steps of linear warmup from 0 to learning_rate
     weight_decay: float = 0.1  # AdamW decoupled weight decay, on weight matrices and embeddings only

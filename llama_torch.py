@@ -57,9 +57,9 @@ class Config:
     yarn_beta: float = 32.0  # YaRN ramp: pairs turning more than beta times in seq_len are left unchanged
     qk_norm: bool = False  # RMSNorm on each head's queries and keys before RoPE (Qwen3, OLMo 2)
     tie_embeddings: bool = False  # read logits through the token embedding (GPT-2) instead of a separate lm_head
-    batch_size: int = 16  # sequences per training step
-    steps: int = 2000  # optimizer steps in total
-    learning_rate: float = 1e-3  # peak learning rate, reached after warmup
+    batch_size: int = 8  # sequences per training step
+    steps: int = 1500  # optimizer steps in total
+    learning_rate: float = 2e-3  # peak learning rate, reached after warmup
     min_learning_rate: float = 1e-4  # learning rate at the end of the cosine decay
     warmup_steps: int = 100  # steps of linear warmup from 0 to learning_rate
     weight_decay: float = 0.1  # AdamW decoupled weight decay, on weight matrices and embeddings only
