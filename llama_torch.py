@@ -142,6 +142,12 @@ def parse_config(argv=None):
 # Model
 
 
+def residual_std(config):
+    """GPT-2 init, kept by Llama: the two projections that write into the residual stream get 0.02 / sqrt(2 *
+    num_layers), so the stream's variance does not grow with depth."""
+    return 0.02 / math.sqrt(2 * config.num_layers)
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * weight (Zhang & Sennrich 2019): LayerNorm without the mean subtraction and the bias, cheaper and
     as good. Computed in float32 whatever the input dtype, as Meta's reference does, because the mean of squares
@@ -292,8 +298,8 @@ class Llama(nn.Module):
         # so the stream's variance does not grow with depth (GPT-2); RMSNorm weights start at 1
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                residual = name.endswith(("out_proj", "down"))
-                nn.init.normal_(module.weight, 0.0, 0.02 / math.sqrt(2 * config.num_layers) if residual else 0.02)
+                std = residual_std(config) if name.endswith(("out_proj", "down")) else 0.02
+                nn.init.normal_(module.weight, 0.0, std)
 
     def forward(self, tokens, targets=None, cache=None, position=0):
         """Logits for tokens at positions position, position + 1, ...; and the loss if targets are given. With a
@@ -384,17 +390,31 @@ def learning_rate_at(step, config):
     return config.min_learning_rate + cosine * (config.learning_rate - config.min_learning_rate)
 
 
-@torch.no_grad()
-def evaluate(model, tokens, config):
+def make_steps(model, optimizer, config):
+    """The train step (one AdamW update at the given learning rate) and the evaluation loss, as functions of
+    numpy batches. The jax twin compiles both; torch runs them eagerly."""
+    def train_step(x, y, learning_rate):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate
+        _, loss = model(torch.from_numpy(x), torch.from_numpy(y))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        return loss
+
+    @torch.no_grad()
+    def eval_loss(x, y):
+        return model(torch.from_numpy(x), torch.from_numpy(y))[1]
+
+    return train_step, eval_loss
+
+
+def evaluate(eval_loss, tokens, config):
     """Mean loss over eval_steps batches from a generator re-seeded at every evaluation: evaluations compare with
     each other, and the training batches do not depend on when we evaluate."""
-    model.eval()
     rng = np.random.default_rng(config.seed + 1)
-    losses = []
-    for _ in range(config.eval_steps):
-        x, y = get_batch(tokens, rng, config)
-        losses.append(model(torch.from_numpy(x), torch.from_numpy(y))[1].item())
-    model.train()
+    losses = [float(eval_loss(*get_batch(tokens, rng, config))) for _ in range(config.eval_steps)]
     return float(np.mean(losses))
 
 
@@ -498,28 +518,25 @@ def main(argv=None):
           f"vocab_size {config.vocab_size}")
     print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
 
+    train_step, eval_loss = make_steps(model, optimizer, config)
+
     stop_requested = []  # Ctrl-C only sets this flag: the current step finishes, then we save and exit
     previous_handler = signal.signal(signal.SIGINT, lambda signum, frame: stop_requested.append(signum))
     tokens_per_step = config.batch_size * config.seq_len
     timer, timed_from = time.perf_counter(), start_step
     for step in range(start_step, config.steps):
         learning_rate = learning_rate_at(step, config)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate
         x, y = get_batch(train_tokens, data_rng, config)
-        _, loss = model(torch.from_numpy(x), torch.from_numpy(y))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
+        loss = train_step(x, y, learning_rate)
         done = step + 1  # steps completed
         if done % config.log_interval == 0:
+            loss = loss.item()
             ms = (time.perf_counter() - timer) * 1000 / (done - timed_from)
-            print(f"step {done:5d}/{config.steps} | loss {loss.item():.4f} | lr {learning_rate:.1e} | "
+            print(f"step {done:5d}/{config.steps} | loss {loss:.4f} | lr {learning_rate:.1e} | "
                   f"{ms:.1f} ms/step | {tokens_per_step / ms:.1f}k tok/s", flush=True)
             timer, timed_from = time.perf_counter(), done
         if done % config.eval_interval == 0 or done == config.steps:
-            train_loss, val_loss = evaluate(model, train_tokens, config), evaluate(model, val_tokens, config)
+            train_loss, val_loss = (evaluate(eval_loss, split, config) for split in (train_tokens, val_tokens))
             bpb = val_loss / math.log(2) * tokens_per_byte
             print(f"eval step {done:5d} | train {train_loss:.4f} | val {val_loss:.4f} | val bpb {bpb:.3f}"
                   + (f" | floor {floor:.3f}" if floor is not None else ""), flush=True)
