@@ -123,11 +123,20 @@ def run_main(module, args):
     return out.getvalue()
 
 
-def make_checkpoint_dir(path):
-    """A folder that holds (empty) checkpoints of both frameworks: a fresh run must refuse to overwrite them."""
-    os.makedirs(path)
+def mistakes_every_script_refuses(tmp):
+    """(arguments, a word the one-line message must contain) that every model script refuses the same way.
+    tmp/taken holds (empty) checkpoints of both frameworks: a fresh run must not overwrite them."""
+    os.makedirs(f"{tmp}/taken")
     for name in ("ckpt.pt", "ckpt.npz"):
-        open(os.path.join(path, name), "wb").close()
+        open(f"{tmp}/taken/{name}", "wb").close()
+    return [
+        (["--bogus=1"], "--bogus"),
+        (["--warmup_steps=50", "--steps=10"], "warmup_steps"),
+        (["--data=/no/such/file.txt"], "/no/such/file.txt"),
+        (["--seq_len=1000"], "seq_len"),  # the corpus is too short for this context
+        (["--resume=true", f"--out_dir={tmp}/empty"], "resume"),
+        ([f"--out_dir={tmp}/taken"], "--resume=true"),  # never overwrite a checkpoint
+    ]
 
 
 def assert_main_refuses(modules, data, out_dir, cases):
@@ -425,19 +434,12 @@ def test_gpt_cli_errors():
     """A user's mistake: exit status 2 and exactly one line on stderr that names it; nothing is trained."""
     with tempfile.TemporaryDirectory() as tmp:
         data = write_tiny_corpus(tmp)
-        make_checkpoint_dir(f"{tmp}/taken")
-        cases = [  # (arguments, a word the message must contain)
-            (["--bogus=1"], "--bogus"),
+        cases = mistakes_every_script_refuses(tmp) + [  # (arguments, a word the message must contain)
             (["--steps=abc"], "--steps"),
             (["--resume=maybe"], "--resume"),
             (["--model_dim=30", "--num_heads=4"], "num_heads"),
             (["--position_embedding=rotary"], "rotary"),
-            (["--warmup_steps=50", "--steps=10"], "warmup_steps"),
             (["--seq_len=0"], "seq_len"),
-            (["--data=/no/such/file.txt"], "/no/such/file.txt"),
-            (["--seq_len=1000"], "seq_len"),  # the corpus is too short for this context
-            (["--resume=true", f"--out_dir={tmp}/empty"], "resume"),
-            ([f"--out_dir={tmp}/taken"], "--resume=true"),  # never overwrite a checkpoint
         ]
         assert_main_refuses((gpt_torch, gpt_jax), data, f"{tmp}/out", cases)
         for result in run_scripts(["gpt_torch.py", f"--data={data}", "--steps=abc"],  # as a user runs them
@@ -1021,9 +1023,7 @@ def test_llama_cli_errors():
     """A user's mistake: exit status 2 and exactly one line on stderr that names it; nothing is trained."""
     with tempfile.TemporaryDirectory() as tmp:
         data = write_tiny_corpus(tmp)
-        make_checkpoint_dir(f"{tmp}/taken")
-        cases = [  # (arguments, a word the message must contain)
-            (["--bogus=1"], "--bogus"),
+        cases = mistakes_every_script_refuses(tmp) + [  # (arguments, a word the message must contain)
             (["--num_kv_heads=3"], "num_kv_heads"),  # 4 query heads cannot share 3 kv heads
             (["--num_kv_heads=0"], "num_kv_heads"),
             (["--model_dim=30", "--num_heads=4"], "num_heads"),
@@ -1033,11 +1033,6 @@ def test_llama_cli_errors():
             (["--ffn_dim=-1"], "ffn_dim"),
             (["--qk_norm=maybe"], "--qk_norm"),
             (["--dropout=0.1"], "--dropout"),  # Llama has no dropout
-            (["--warmup_steps=50", "--steps=10"], "warmup_steps"),
-            (["--data=/no/such/file.txt"], "/no/such/file.txt"),
-            (["--seq_len=1000"], "seq_len"),  # the corpus is too short for this context
-            (["--resume=true", f"--out_dir={tmp}/empty"], "resume"),
-            ([f"--out_dir={tmp}/taken"], "--resume=true"),  # never overwrite a checkpoint
         ]
         assert_main_refuses((llama_torch, llama_jax), data, f"{tmp}/out", cases)
         for script, args in (("llama_torch.py", ["--num_kv_heads=3"]), ("llama_jax.py", ["--rope_scaling=0.5"])):
