@@ -912,27 +912,26 @@ def test_llama_training_steps_match_across_frameworks():
 
 
 def test_llama_kv_cache_matches_full_forward():
-    """Prefill a prompt into the cache, then decode one token at a time: each step's logits equal those of one
-    full forward pass over the same tokens. YaRN factor 2 lets the sequence run past seq_len into max_len."""
+    """Prefill a prompt into the cache, then a chunk of 4 tokens (the masked case), then one token at a time: each
+    step's logits equal those of one full forward pass over the same tokens. YaRN factor 2 lets the sequence run
+    past seq_len into max_len."""
     for overrides in (dict(), dict(rope_scaling=2.0, num_kv_heads=1, qk_norm=True)):
         torch_model, jax_model = build_llama_pair(overrides)
         length, prompt = torch_model.max_len, 5
         tokens = np.random.default_rng(3).integers(0, 61, size=(2, length))
         graphdef, state = nnx.split(jax_model)
 
-        @jax.jit  # as generation runs it: compiled once for the prompt, once for a single token
+        @jax.jit  # as generation runs it: compiled once per chunk length
         def jax_step(state, tokens, cache, position):
             logits, _ = nnx.merge(graphdef, state)(tokens, cache=cache, position=position)
             return logits, cache
 
         torch_cache, jax_cache = torch_model.new_cache(2), jax_model.new_cache(2)
-        torch_steps = [torch_logits(torch_model, tokens[:, :prompt], cache=torch_cache, position=0)]
-        logits, jax_cache = jax_step(state, tokens[:, :prompt], jax_cache, 0)
-        jax_steps = [np.asarray(logits)]
-        for position in range(prompt, length):
-            torch_steps.append(torch_logits(torch_model, tokens[:, position : position + 1], cache=torch_cache,
-                                            position=position))
-            logits, jax_cache = jax_step(state, tokens[:, position : position + 1], jax_cache, position)
+        torch_steps, jax_steps = [], []
+        chunks = [(0, prompt), (prompt, prompt + 4)] + [(start, start + 1) for start in range(prompt + 4, length)]
+        for start, end in chunks:
+            torch_steps.append(torch_logits(torch_model, tokens[:, start:end], cache=torch_cache, position=start))
+            logits, jax_cache = jax_step(state, tokens[:, start:end], jax_cache, start)
             jax_steps.append(np.asarray(logits))
         full = torch_logits(torch_model, tokens)  # (2, length, vocab_size)
         assert np.abs(np.concatenate(torch_steps, axis=1) - full).max() < 1e-5, overrides
