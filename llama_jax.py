@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.tree_util import keystr
 
 # -----------------------------------------------------------------------------
 # Config
@@ -426,11 +427,6 @@ def evaluate(eval_loss, params, tokens, config):
     return float(np.mean(losses))
 
 
-def leaf_names(tree):
-    """'params/blocks/0/attn/query/kernel', ...: the checkpoint's array names, from the paths in the pytree."""
-    return [jax.tree_util.keystr(path, simple=True, separator="/") for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
-
-
 def open_checkpoint(config):
     """The checkpoint to resume, or None for a fresh run. Refuses (exit 2) to overwrite a checkpoint, to resume
     a missing one, or to resume into a different model."""
@@ -459,16 +455,35 @@ def save_checkpoint(params, opt_state, step, data_rng, config):
     os.makedirs(config.out_dir, exist_ok=True)
     path = os.path.join(config.out_dir, "ckpt.npz")
     meta = json.dumps({"step": step, "data_rng": data_rng.bit_generator.state, "config": asdict(config)})
-    state = {"params": params, "opt_state": opt_state}
-    arrays = dict(zip(leaf_names(state), map(np.asarray, jax.tree.leaves(state))))
+    state = {"params": params, "opt_state": opt_state}  # arrays named by their pytree path: params/blocks/0/...
+    arrays = {keystr(path, simple=True, separator="/"): np.asarray(leaf)
+              for path, leaf in jax.tree_util.tree_leaves_with_path(state)}
     with open(path + ".tmp", "wb") as f:  # a file object: given a name, np.savez would append ".npz"
         np.savez(f, meta=np.array(meta), **arrays)
     os.replace(path + ".tmp", path)
     return path
 
 
+def restore_checkpoint(checkpoint, params, opt_state, data_rng):
+    """The saved parameters and optimizer state, shaped like the fresh ones given; puts the data RNG state back.
+    Returns them with the step to continue from."""
+    state = {"params": params, "opt_state": opt_state}
+    state = jax.tree_util.tree_map_with_path(
+        lambda path, _: jnp.asarray(checkpoint[keystr(path, simple=True, separator="/")]), state)
+    data_rng.bit_generator.state = checkpoint["meta"]["data_rng"]
+    return state["params"], state["opt_state"], checkpoint["meta"]["step"]
+
+
 # -----------------------------------------------------------------------------
 # Sampling
+
+
+def sample_prompt(val_tokens, token_bytes, length):
+    """length tokens of the val split, from its first non-blank line start: a prompt with no encoder needed."""
+    ends_line = np.array([b.endswith(b"\n") for b in token_bytes])[val_tokens[: len(val_tokens) - length]]
+    line_starts = np.flatnonzero(ends_line[:-1] & ~ends_line[1:]) + 1  # after a line break, not on a blank line
+    start = line_starts[0] if len(line_starts) else 0
+    return val_tokens[start : start + length].tolist()
 
 
 @functools.cache  # one compiled sampler per model structure and setting: repeated generate calls reuse it
@@ -534,11 +549,7 @@ def main(argv=None):
     params, buffers = nnx.to_pure_dict(state), nnx.to_pure_dict(buffers)
     opt_state = optimizer.init(params)
     if checkpoint is not None:
-        state = {"params": params, "opt_state": opt_state}
-        state = jax.tree.unflatten(jax.tree.structure(state), [checkpoint[name] for name in leaf_names(state)])
-        params, opt_state = state["params"], state["opt_state"]
-        data_rng.bit_generator.state = checkpoint["meta"]["data_rng"]
-        start_step = checkpoint["meta"]["step"]
+        params, opt_state, start_step = restore_checkpoint(checkpoint, params, opt_state, data_rng)
         print(f"resuming from step {start_step}")
     byte_lengths = np.array([len(b) for b in token_bytes])
     tokens_per_byte = len(val_tokens) / byte_lengths[val_tokens].sum()  # 1 for a byte corpus
@@ -563,7 +574,7 @@ def main(argv=None):
                   f"{ms:.1f} ms/step | {tokens_per_step / ms:.1f}k tok/s", flush=True)
             timer, timed_from = time.perf_counter(), done
         if done % config.eval_interval == 0 or done == config.steps:
-            train_loss, val_loss = evaluate(eval_loss, params, train_tokens, config), evaluate(eval_loss, params, val_tokens, config)
+            train_loss, val_loss = (evaluate(eval_loss, params, split, config) for split in (train_tokens, val_tokens))
             bpb = val_loss / math.log(2) * tokens_per_byte
             print(f"eval step {done:5d} | train {train_loss:.4f} | val {val_loss:.4f} | val bpb {bpb:.3f}"
                   + (f" | floor {floor:.3f}" if floor is not None else ""), flush=True)
@@ -576,11 +587,7 @@ def main(argv=None):
     signal.signal(signal.SIGINT, previous_handler)
 
     nnx.update(model, params)  # the trained arrays back into the model object
-    ends_line = np.array([b.endswith(b"\n") for b in token_bytes])  # prompt from the val split: no encoder needed
-    prompt_len = max(1, config.seq_len // 4)
-    line_starts = np.flatnonzero(ends_line[val_tokens[: len(val_tokens) - prompt_len]]) + 1
-    start = line_starts[0] if len(line_starts) else 0  # begin at a line start rather than mid-word
-    prompt = val_tokens[start : start + prompt_len].tolist()
+    prompt = sample_prompt(val_tokens, token_bytes, max(1, config.seq_len // 4))
     tokens = generate(model, prompt, config.sample_tokens, config.temperature, config.top_k, sample_key)
     print("sample:\n" + b"".join(token_bytes[t] for t in tokens).decode("utf-8", errors="replace"))
 

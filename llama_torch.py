@@ -453,8 +453,24 @@ def save_checkpoint(model, optimizer, step, data_rng, config):
     return path
 
 
+def restore_checkpoint(checkpoint, model, optimizer, data_rng):
+    """Put the saved weights, optimizer state and data RNG state back; returns the step to continue from."""
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    data_rng.bit_generator.state = checkpoint["meta"]["data_rng"]
+    return checkpoint["meta"]["step"]
+
+
 # -----------------------------------------------------------------------------
 # Sampling
+
+
+def sample_prompt(val_tokens, token_bytes, length):
+    """length tokens of the val split, from its first non-blank line start: a prompt with no encoder needed."""
+    ends_line = np.array([b.endswith(b"\n") for b in token_bytes])[val_tokens[: len(val_tokens) - length]]
+    line_starts = np.flatnonzero(ends_line[:-1] & ~ends_line[1:]) + 1  # after a line break, not on a blank line
+    start = line_starts[0] if len(line_starts) else 0
+    return val_tokens[start : start + length].tolist()
 
 
 @torch.inference_mode()  # no autograd bookkeeping at all: a token costs ~200 small ops, each gets cheaper
@@ -508,10 +524,7 @@ def main(argv=None):
     data_rng = np.random.default_rng(config.seed)
     start_step = 0
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        data_rng.bit_generator.state = checkpoint["meta"]["data_rng"]
-        start_step = checkpoint["meta"]["step"]
+        start_step = restore_checkpoint(checkpoint, model, optimizer, data_rng)
         print(f"resuming from step {start_step}")
     byte_lengths = np.array([len(b) for b in token_bytes])
     tokens_per_byte = len(val_tokens) / byte_lengths[val_tokens].sum()  # 1 for a byte corpus
@@ -549,11 +562,7 @@ def main(argv=None):
             sys.exit(130)
     signal.signal(signal.SIGINT, previous_handler)
 
-    ends_line = np.array([b.endswith(b"\n") for b in token_bytes])  # prompt from the val split: no encoder needed
-    prompt_len = max(1, config.seq_len // 4)
-    line_starts = np.flatnonzero(ends_line[val_tokens[: len(val_tokens) - prompt_len]]) + 1
-    start = line_starts[0] if len(line_starts) else 0  # begin at a line start rather than mid-word
-    prompt = val_tokens[start : start + prompt_len].tolist()
+    prompt = sample_prompt(val_tokens, token_bytes, max(1, config.seq_len // 4))
     tokens = generate(model, prompt, config.sample_tokens, config.temperature, config.top_k)
     print("sample:\n" + b"".join(token_bytes[t] for t in tokens).decode("utf-8", errors="replace"))
 
