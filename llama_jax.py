@@ -229,6 +229,9 @@ class Attention(nnx.Module):
 
     def __call__(self, x, cos, sin, mask, cache, position):
         batch_size, seq_len, model_dim = x.shape
+        # XLA on CPU turns the weight gradient of a matmul over (batch_size, seq_len, ...) into a transposed copy
+        # plus a matmul; over (batch_size * seq_len, ...) it is one matmul (faster training, here and in SwiGLU)
+        x = x.reshape(batch_size * seq_len, model_dim)
         query = self.query(x).reshape(batch_size, seq_len, self.num_heads, self.head_dim)
         key = self.key(x).reshape(batch_size, seq_len, self.num_kv_heads, self.head_dim)
         value = self.value(x).reshape(batch_size, seq_len, self.num_kv_heads, self.head_dim)
@@ -240,16 +243,16 @@ class Attention(nnx.Module):
             cache[0] = jax.lax.dynamic_update_slice(cache[0], key, (0, 0, position, 0))  # (.., max_len, head_dim)
             cache[1] = jax.lax.dynamic_update_slice(cache[1], value, (0, 0, position, 0))
             key, value = cache[0], cache[1]  # jax arrays are immutable: the list now holds the updated ones
-        # query head h reads kv head h // (num_heads // num_kv_heads), as if each kv head were repeated
-        # (repeat_interleave) that many times; jnp.repeat is that repeat
+        # query head h reads kv head h // group: number the query heads (kv head, h % group) and let each group of
+        # group query heads read its kv head, without copying the keys and values group times (jnp.repeat would)
         group = self.num_heads // self.num_kv_heads
-        key = jnp.repeat(key, group, axis=1)  # (batch_size, num_heads, num_keys, head_dim)
-        value = jnp.repeat(value, group, axis=1)  # (batch_size, num_heads, num_keys, head_dim)
-        scores = query @ key.swapaxes(-2, -1) * self.head_dim**-0.5  # (batch_size, num_heads, seq_len, num_keys)
+        query = query.reshape(batch_size, self.num_kv_heads, group, seq_len, self.head_dim)
+        scores = jnp.einsum("bkgqd,bksd->bkgqs", query, key) * self.head_dim**-0.5  # (.., group, seq_len, num_keys)
         scores = jnp.where(mask, scores, -jnp.inf)  # (seq_len, num_keys) mask broadcasts over batch and heads
-        out = jax.nn.softmax(scores, axis=-1) @ value  # (batch_size, num_heads, seq_len, head_dim)
-        out = out.swapaxes(1, 2).reshape(batch_size, seq_len, model_dim)  # (batch_size, seq_len, model_dim)
-        return self.out_proj(out)
+        out = jnp.einsum("bkgqs,bksd->bkgqd", jax.nn.softmax(scores, axis=-1), value)  # (.., group, seq_len, head_dim)
+        out = out.reshape(batch_size, self.num_heads, seq_len, self.head_dim).swapaxes(1, 2)
+        out = self.out_proj(out.reshape(batch_size * seq_len, model_dim))  # (batch_size * seq_len, model_dim)
+        return out.reshape(batch_size, seq_len, model_dim)
 
 
 def llama_ffn_dim(model_dim):
@@ -270,8 +273,10 @@ class SwiGLU(nnx.Module):
         self.down = linear(ffn_dim, config.model_dim, kernel_init=normal(residual_std(config)))
 
     def __call__(self, x):
-        x = jax.nn.silu(self.gate(x)) * self.up(x)  # (batch_size, seq_len, ffn_dim)
-        return self.down(x)  # (batch_size, seq_len, model_dim)
+        batch_size, seq_len, model_dim = x.shape
+        x = x.reshape(batch_size * seq_len, model_dim)  # 2D matmuls: see Attention
+        x = jax.nn.silu(self.gate(x)) * self.up(x)  # (batch_size * seq_len, ffn_dim)
+        return self.down(x).reshape(batch_size, seq_len, model_dim)
 
 
 class Block(nnx.Module):

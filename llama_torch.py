@@ -310,8 +310,9 @@ class Llama(nn.Module):
         sin = self.sin[position : position + seq_len]
         # query i sits at position + i and sees key j if j <= position + i. Starting at position 0 that is the plain
         # causal mask, which F.scaled_dot_product_attention applies itself; one token sees all keys: no mask either
-        mask = None if position == 0 or seq_len == 1 else (torch.arange(position + seq_len)
-                                                           <= position + torch.arange(seq_len)[:, None])  # (seq_len, keys)
+        mask = None
+        if position > 0 and seq_len > 1:  # a chunk after cached tokens
+            mask = torch.arange(position + seq_len) <= position + torch.arange(seq_len)[:, None]  # (seq_len, num_keys)
         x = self.token_embedding(tokens)  # (batch_size, seq_len, model_dim)
         for layer, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache[layer]
