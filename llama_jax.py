@@ -243,8 +243,9 @@ class Attention(nnx.Module):
             cache[0] = jax.lax.dynamic_update_slice(cache[0], key, (0, 0, position, 0))  # (.., max_len, head_dim)
             cache[1] = jax.lax.dynamic_update_slice(cache[1], value, (0, 0, position, 0))
             key, value = cache[0], cache[1]  # jax arrays are immutable: the list now holds the updated ones
-        # query head h reads kv head h // group: number the query heads (kv head, h % group) and let each group of
-        # group query heads read its kv head, without copying the keys and values group times (jnp.repeat would)
+        # query head h reads kv head h // group: view the query heads as (num_kv_heads, group), so the heads that
+        # share a kv head sit together and read it in one einsum (b batch, k kv head, g head in its group, q query,
+        # s key, d head_dim), without copying the keys and values group times as jnp.repeat would
         group = self.num_heads // self.num_kv_heads
         query = query.reshape(batch_size, self.num_kv_heads, group, seq_len, self.head_dim)
         scores = jnp.einsum("bkgqd,bksd->bkgqs", query, key) * self.head_dim**-0.5  # (.., group, seq_len, num_keys)
