@@ -139,21 +139,30 @@ def mistakes_every_script_refuses(tmp):
     ]
 
 
-def assert_main_refuses(modules, data, out_dir, cases):
-    """Each (arguments, word) case stops main() before any work: exit status 2 and one line on stderr that
-    contains the word. In-process, so it is cheap, and a traceback fails the test; nothing is written."""
-    for module in modules:
-        for args, word in cases:
-            err = io.StringIO()
-            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-                try:
-                    module.main([f"--data={data}", f"--out_dir={out_dir}", *args])
-                    raise AssertionError(f"{module.__name__} accepted {args}")
-                except SystemExit as exit:
-                    assert exit.code == 2, (module.__name__, args)
-            lines = err.getvalue().splitlines()
-            assert len(lines) == 1 and word in lines[0], (module.__name__, args, lines)
-    assert not os.path.exists(out_dir)
+def assert_cli_refuses(modules, family_cases, user_runs):
+    """The mistakes every script refuses plus family_cases, (arguments, word): each stops main() before any work,
+    with exit status 2 and one line on stderr that contains the word. In-process, so it is cheap, and a traceback
+    fails the test; nothing is written. user_runs, (script, arguments): a few of them as a user runs them, in a
+    subprocess: exit status 2, one line, no traceback."""
+    with tempfile.TemporaryDirectory() as tmp:
+        data, out_dir = write_tiny_corpus(tmp), f"{tmp}/out"
+        cases = mistakes_every_script_refuses(tmp) + family_cases
+        for module in modules:
+            for args, word in cases:
+                err = io.StringIO()
+                with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                    try:
+                        module.main([f"--data={data}", f"--out_dir={out_dir}", *args])
+                        raise AssertionError(f"{module.__name__} accepted {args}")
+                    except SystemExit as exit:
+                        assert exit.code == 2, (module.__name__, args)
+                lines = err.getvalue().splitlines()
+                assert len(lines) == 1 and word in lines[0], (module.__name__, args, lines)
+        assert not os.path.exists(out_dir)
+        commands = [[script, f"--data={data}", f"--out_dir={out_dir}", *args] for script, args in user_runs]
+        for (script, args), result in zip(user_runs, run_scripts(*commands)):
+            assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, (script, args, result.stderr)
+            assert result.stdout == "" and "Traceback" not in result.stderr
 
 
 def assert_smoke_runs(scripts, *args):
@@ -432,20 +441,15 @@ def test_gpt_smoke_runs():
 
 def test_gpt_cli_errors():
     """A user's mistake: exit status 2 and exactly one line on stderr that names it; nothing is trained."""
-    with tempfile.TemporaryDirectory() as tmp:
-        data = write_tiny_corpus(tmp)
-        cases = mistakes_every_script_refuses(tmp) + [  # (arguments, a word the message must contain)
-            (["--steps=abc"], "--steps"),
-            (["--resume=maybe"], "--resume"),
-            (["--model_dim=30", "--num_heads=4"], "num_heads"),
-            (["--position_embedding=rotary"], "rotary"),
-            (["--seq_len=0"], "seq_len"),
-        ]
-        assert_main_refuses((gpt_torch, gpt_jax), data, f"{tmp}/out", cases)
-        for result in run_scripts(["gpt_torch.py", f"--data={data}", "--steps=abc"],  # as a user runs them
-                                  ["gpt_jax.py", f"--data={data}", "--model_dim=30"]):
-            assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result
-            assert result.stdout == "" and "Traceback" not in result.stderr
+    cases = [  # (arguments, a word the message must contain)
+        (["--steps=abc"], "--steps"),
+        (["--resume=maybe"], "--resume"),
+        (["--model_dim=30", "--num_heads=4"], "num_heads"),
+        (["--position_embedding=rotary"], "rotary"),
+        (["--seq_len=0"], "seq_len"),
+    ]
+    assert_cli_refuses((gpt_torch, gpt_jax), cases,
+                       [("gpt_torch.py", ["--steps=abc"]), ("gpt_jax.py", ["--model_dim=30"])])
 
 
 def interrupt_at_step(module, step):
@@ -1020,24 +1024,19 @@ def test_llama_smoke_runs():
 
 def test_llama_cli_errors():
     """A user's mistake: exit status 2 and exactly one line on stderr that names it; nothing is trained."""
-    with tempfile.TemporaryDirectory() as tmp:
-        data = write_tiny_corpus(tmp)
-        cases = mistakes_every_script_refuses(tmp) + [  # (arguments, a word the message must contain)
-            (["--num_kv_heads=3"], "num_kv_heads"),  # 4 query heads cannot share 3 kv heads
-            (["--num_kv_heads=0"], "num_kv_heads"),
-            (["--model_dim=30", "--num_heads=4"], "num_heads"),
-            (["--model_dim=12", "--num_heads=4", "--num_kv_heads=4"], "even"),  # head_dim 3: RoPE needs pairs
-            (["--rope_scaling=0.5"], "rope_scaling"),
-            (["--yarn_alpha=40"], "yarn_beta"),
-            (["--ffn_dim=-1"], "ffn_dim"),
-            (["--qk_norm=maybe"], "--qk_norm"),
-            (["--dropout=0.1"], "--dropout"),  # Llama has no dropout
-        ]
-        assert_main_refuses((llama_torch, llama_jax), data, f"{tmp}/out", cases)
-        for script, args in (("llama_torch.py", ["--num_kv_heads=3"]), ("llama_jax.py", ["--rope_scaling=0.5"])):
-            result = run_script(script, f"--data={data}", f"--out_dir={tmp}/out", *args)  # as a user
-            assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, (script, args, result.stderr)
-            assert result.stdout == "" and "Traceback" not in result.stderr
+    cases = [  # (arguments, a word the message must contain)
+        (["--num_kv_heads=3"], "num_kv_heads"),  # 4 query heads cannot share 3 kv heads
+        (["--num_kv_heads=0"], "num_kv_heads"),
+        (["--model_dim=30", "--num_heads=4"], "num_heads"),
+        (["--model_dim=12", "--num_heads=4", "--num_kv_heads=4"], "even"),  # head_dim 3: RoPE needs pairs
+        (["--rope_scaling=0.5"], "rope_scaling"),
+        (["--yarn_alpha=40"], "yarn_beta"),
+        (["--ffn_dim=-1"], "ffn_dim"),
+        (["--qk_norm=maybe"], "--qk_norm"),
+        (["--dropout=0.1"], "--dropout"),  # Llama has no dropout
+    ]
+    assert_cli_refuses((llama_torch, llama_jax), cases,
+                       [("llama_torch.py", ["--num_kv_heads=3"]), ("llama_jax.py", ["--rope_scaling=0.5"])])
 
 
 def test_llama_resume_equals_uninterrupted():
