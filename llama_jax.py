@@ -21,6 +21,8 @@ diff me against llama_torch.py: the same program in PyTorch, line by line.
 """
 
 import argparse
+import contextlib
+import fcntl
 import functools
 import inspect
 import json
@@ -29,9 +31,13 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from functools import partial
+
+if __name__ == "__main__":  # Ctrl-C while the libraries below load (seconds): end at once, no traceback
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import jax
 import jax.numpy as jnp
@@ -84,63 +90,8 @@ class Config:
 # YaRN's use: stretch the positions of a model trained with plain RoPE, then train it a little longer
 MODEL_FIELDS = ("vocab_size", "seq_len", "num_layers", "num_heads", "num_kv_heads", "model_dim", "ffn_dim",
                 "rope_theta", "qk_norm", "tie_embeddings")
+CHECKPOINT = "ckpt.npz"  # the file in out_dir
 
-
-def fail(message):
-    """A user's mistake: one line on stderr that names it, exit status 2, no traceback."""
-    print(f"{os.path.basename(__file__)}: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def parse_bool(text):
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-
-
-def parse_config(argv=None):
-    """Every Config field but vocab_size is a --name=value option; --help shows the field comments."""
-    comments = dict(re.findall(r"^\s+(\w+): .*?#\s*(.*)$", inspect.getsource(Config), re.M))
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.error = fail  # argparse would print the usage too; one line is enough
-    for field in fields(Config):
-        if field.name != "vocab_size":
-            parser.add_argument(f"--{field.name}", type=parse_bool if field.type is bool else field.type,
-                                default=field.default, metavar=field.type.__name__, help=comments[field.name])
-    config = Config(**vars(parser.parse_args(argv)))
-    for name in ("seq_len", "num_layers", "num_heads", "num_kv_heads", "model_dim", "batch_size", "steps",
-                 "eval_interval", "eval_steps", "log_interval"):
-        if getattr(config, name) < 1:
-            fail(f"--{name}={getattr(config, name)} must be at least 1")
-    checks = [
-        (config.model_dim % config.num_heads == 0,
-         f"--model_dim={config.model_dim} is not divisible by --num_heads={config.num_heads}; pick a multiple"),
-        (config.num_heads % config.num_kv_heads == 0,
-         f"--num_heads={config.num_heads} is not divisible by --num_kv_heads={config.num_kv_heads}; pick a divisor"),
-        ((config.model_dim // config.num_heads) % 2 == 0,
-         f"head_dim = --model_dim / --num_heads = {config.model_dim // config.num_heads} must be even for RoPE's pairs"),
-        (config.ffn_dim >= 0, f"--ffn_dim={config.ffn_dim} must be >= 0 (0 = Llama's rule)"),
-        (config.rope_theta > 1, f"--rope_theta={config.rope_theta} must be > 1"),
-        (config.rope_scaling >= 1, f"--rope_scaling={config.rope_scaling} must be >= 1 (1 = plain RoPE)"),
-        (0 <= config.yarn_alpha < config.yarn_beta,
-         f"--yarn_alpha={config.yarn_alpha} and --yarn_beta={config.yarn_beta} need 0 <= alpha < beta"),
-        (0 <= config.warmup_steps <= config.steps,
-         f"--warmup_steps={config.warmup_steps} must be between 0 and --steps={config.steps}"),
-        (0 <= config.min_learning_rate <= config.learning_rate,
-         f"--min_learning_rate={config.min_learning_rate} must be between 0 and --learning_rate={config.learning_rate}"),
-        (0 <= config.beta1 < 1 and 0 <= config.beta2 < 1, "--beta1 and --beta2 must be in [0, 1)"),
-        (config.weight_decay >= 0 and config.grad_clip > 0, "--weight_decay must be >= 0 and --grad_clip > 0"),
-        (config.temperature > 0 and config.top_k >= 0 and config.sample_tokens >= 0,
-         "--temperature must be > 0, --top_k and --sample_tokens >= 0"),
-        (os.path.isfile(config.data), f"data file {config.data} not found; pass --data=PATH (a text file or a .npy)"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            fail(message)
-    return config
 
 # -----------------------------------------------------------------------------
 # Model
@@ -349,29 +300,32 @@ class Llama(nnx.Module):
 
 def load_data(config):
     """The corpus as token ids split 90/10, each token's bytes (to decode samples and count bytes for bits per
-    byte), and the corpus's entropy floor in val bits per byte if a <name>.floor.json sits beside it."""
+    byte), and the corpus's entropy floor in val bits per byte if a <corpus>.floor.json sits beside it. Every
+    file is checked before any work: a malformed one stops the script with one line naming it."""
+    corpus = re.sub(r"\.bpe\d+\.npy$", "", config.data)  # data/stories.txt.bpe1024.npy was made from data/stories.txt
     if config.data.endswith(".npy"):  # tokenized by bpe.py; its vocabulary is in the .json of the same name
         vocab_path = config.data[: -len(".npy")] + ".json"
-        if not os.path.isfile(vocab_path):
-            fail(f"{vocab_path} (the vocabulary of {config.data}) not found; tokenize again with bpe.py")
-        tokens = np.load(config.data, allow_pickle=False)
-        with open(vocab_path) as f:
-            token_bytes = [bytes.fromhex(token) for token in json.load(f)["token_bytes"]]
+        tokens = read_file(config.data, lambda f: np.load(f, allow_pickle=False), "a .npy array")  # no pickles
+        token_bytes = read_file(vocab_path, lambda f: [bytes.fromhex(t) for t in json.load(f)["token_bytes"]],
+                                f"the vocabulary of {config.data} (bpe.py's JSON with a token_bytes list)")
+        if not (tokens.ndim == 1 and tokens.dtype.kind in "iu" and 0 < len(token_bytes) <= 2**20 and all(token_bytes)):
+            fail(f"{config.data} and {vocab_path} are not a token file and its vocabulary (a 1-D integer array, up "
+                 f"to 2**20 non-empty tokens); tokenize again with bpe.py")
     else:
-        with open(config.data, "rb") as f:
-            tokens = np.frombuffer(f.read(), dtype=np.uint8)
+        tokens = read_file(config.data, lambda f: np.frombuffer(f.read(), dtype=np.uint8), "a readable file")
         token_bytes = [bytes([i]) for i in range(256)]
     split = int(0.9 * len(tokens))
     train_tokens, val_tokens = tokens[:split], tokens[split:]  # the last 10% is validation
     if min(len(train_tokens), len(val_tokens)) < config.seq_len + 1:
         fail(f"{config.data} has {len(tokens)} tokens, too few for {config.seq_len + 1} in each of the train and "
              f"val splits; use a longer corpus or a smaller --seq_len")
-    name = os.path.basename(config.data).split(".")[0]  # data/stories.txt and data/stories.bpe1024.npy: stories
-    floor_path = os.path.join(os.path.dirname(config.data), name + ".floor.json")
+    if not 0 <= tokens.min() <= tokens.max() < len(token_bytes):  # embedding lookups would fail or read garbage
+        fail(f"{config.data} holds token ids outside its vocabulary of {len(token_bytes)}; tokenize again with bpe.py")
     floor = None
-    if os.path.isfile(floor_path):
-        with open(floor_path) as f:
-            floor = json.load(f)["val_bpb"]
+    if os.path.isfile(corpus + ".floor.json"):
+        floor = read_file(corpus + ".floor.json", lambda f: json.load(f)["val_bpb"], "a floor file")
+        if not (isinstance(floor, (int, float)) and 0 <= floor < math.inf):
+            fail(f"{corpus}.floor.json: val_bpb is {floor!r}, not a number of bits per byte; remove or regenerate it")
     return train_tokens, val_tokens, token_bytes, floor
 
 
@@ -426,53 +380,47 @@ def evaluate(eval_loss, params, tokens, config):
     """Mean loss over eval_steps batches from a generator re-seeded at every evaluation: evaluations compare with
     each other, and the training batches do not depend on when we evaluate."""
     rng = np.random.default_rng(config.seed + 1)
-    losses = []
-    for _ in range(config.eval_steps):
-        x, y = get_batch(tokens, rng, config)
-        losses.append(eval_loss(params, x, y))
+    losses = [float(eval_loss(params, *get_batch(tokens, rng, config))) for _ in range(config.eval_steps)]
     return float(np.mean(losses))
 
 
+def checkpoint_arrays(params, opt_state):
+    """Every array of a checkpoint by name: its path in the tree of parameters and optimizer state
+    (params/blocks/0/attn/qkv/kernel, opt_state/1/0/mu/..., ...)."""
+    state = {"params": params, "opt_state": opt_state}
+    return {keystr(path, simple=True, separator="/"): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state)}
+
+
 def open_checkpoint(config):
-    """The checkpoint to resume, or None for a fresh run. Refuses (exit 2) to overwrite a checkpoint, to resume
-    a missing one, or to resume into a different model."""
-    path = os.path.join(config.out_dir, "ckpt.npz")
+    """The checkpoint to resume ({name: array}, with its meta parsed), or None for a fresh run. Refuses (exit 2) to
+    overwrite a checkpoint, and a checkpoint that is unreadable, another script's or another model's."""
+    path = os.path.join(config.out_dir, CHECKPOINT)
     if not config.resume:
         if os.path.exists(path):
             fail(f"{path} already holds a checkpoint; pass --resume=true to continue it or choose another --out_dir")
         return None
-    if not os.path.exists(path):
-        fail(f"--resume=true but there is no checkpoint {path}; drop --resume or pass the right --out_dir")
-    checkpoint = dict(np.load(path, allow_pickle=False))  # arrays and a JSON string: loading runs no code
-    checkpoint["meta"] = json.loads(str(checkpoint["meta"]))
-    saved = checkpoint["meta"]["config"]
-    for name in MODEL_FIELDS:
-        if saved[name] != getattr(config, name):
-            fail(f"{path} holds a model with {name}={saved[name]}, not {getattr(config, name)}; "
-                 f"pass the same model options or choose another --out_dir")
-    if checkpoint["meta"]["step"] >= config.steps:
-        fail(f"{path} is already at step {checkpoint['meta']['step']}; pass a larger --steps to train further")
+    # arrays and a JSON string: loading runs no code
+    checkpoint = read_file(path, lambda f: dict(np.load(f, allow_pickle=False)), "a checkpoint")
+    check_meta(path, checkpoint, config)
     return checkpoint
 
 
 def save_checkpoint(params, opt_state, step, data_rng, config):
     """Weights, optimizer state, step, data RNG state and config. Written to a temporary file and renamed over the
     old one, so an interruption never leaves a broken checkpoint."""
-    os.makedirs(config.out_dir, exist_ok=True)
-    path = os.path.join(config.out_dir, "ckpt.npz")
+    path = os.path.join(config.out_dir, CHECKPOINT)
     meta = json.dumps({"step": step, "data_rng": data_rng.bit_generator.state, "config": asdict(config)})
-    state = {"params": params, "opt_state": opt_state}  # arrays named by their pytree path: params/blocks/0/...
-    arrays = {keystr(path, simple=True, separator="/"): np.asarray(leaf)
-              for path, leaf in jax.tree_util.tree_leaves_with_path(state)}
+    arrays = {name: np.asarray(leaf) for name, leaf in checkpoint_arrays(params, opt_state).items()}
     with open(path + ".tmp", "wb") as f:  # a file object: given a name, np.savez would append ".npz"
         np.savez(f, meta=np.array(meta), **arrays)
     os.replace(path + ".tmp", path)
     return path
 
 
-def restore_checkpoint(checkpoint, params, opt_state, data_rng):
-    """The saved parameters and optimizer state, shaped like the fresh ones given; puts the data RNG state back.
-    Returns them with the step to continue from."""
+def restore_checkpoint(checkpoint, params, opt_state, data_rng, config):
+    """The saved parameters and optimizer state, once every array's name, shape and dtype match the fresh ones
+    given; puts the data RNG state back. Returns them with the step to continue from."""
+    check_arrays(os.path.join(config.out_dir, CHECKPOINT), checkpoint, checkpoint_arrays(params, opt_state))
     state = {"params": params, "opt_state": opt_state}
     state = jax.tree_util.tree_map_with_path(
         lambda path, _: jnp.asarray(checkpoint[keystr(path, simple=True, separator="/")]), state)
@@ -523,7 +471,7 @@ def generate(model, prompt, max_new_tokens, temperature, top_k, key, use_cache=T
             window[0, : len(context)] = context
             token, _ = next_token(window, None, 0, len(context) - 1, key, i)
         elif cache is None or position == model.max_len:  # first step, or the cache is full: prefill
-            context = tokens[-model.max_len :] if cache is None else tokens[-(model.max_len // 2) :]
+            context = tokens[-model.max_len :] if cache is None else tokens[-max(1, model.max_len // 2) :]
             cache = model.new_cache(1)
             token, cache = next_token(np.array([context], np.int32), cache, 0, len(context) - 1, key, i)
             position = len(context)
@@ -535,67 +483,253 @@ def generate(model, prompt, max_new_tokens, temperature, top_k, key, use_cache=T
 
 
 # -----------------------------------------------------------------------------
-# Main
+# Command line
+# The options, and the rules that keep a user's work safe: these helpers are the same in every model script.
+
+SCRIPT = os.path.basename(__file__)
+
+
+def fail(message, status=2):
+    """One line on stderr that names the problem and what to do, then exit: status 2 for a user's mistake (an
+    option, a file), 1 for a run that diverged. No traceback."""
+    print(f"{SCRIPT}: error: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+def parse_bool(text):
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def parse_config(argv=None):
+    """Every Config field but vocab_size is a --name=value option; --help shows the field comments. Every value is
+    checked here, before any work: what could only fail later (a size too big for memory) fails now."""
+    comments = dict(re.findall(r"^\s+(\w+): .*?#\s*(.*)$", inspect.getsource(Config), re.M))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.error = fail  # argparse would print the usage too; one line is enough
+    for field in fields(Config):
+        if field.name != "vocab_size":
+            parser.add_argument(f"--{field.name}", type=parse_bool if field.type is bool else field.type,
+                                default=field.default, metavar=field.type.__name__, help=comments[field.name])
+    config = Config(**vars(parser.parse_args(argv)))
+    positive = ("seq_len", "num_layers", "num_heads", "num_kv_heads", "model_dim", "batch_size", "steps",
+                "eval_interval", "eval_steps", "log_interval")
+    for name, value in asdict(config).items():  # first: the checks below then divide by no zero, compare no nan
+        if (name in positive and value < 1) or (type(value) is float and not math.isfinite(value)):
+            fail(f"--{name}={value} must be " + ("at least 1" if name in positive else "a finite number"))
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # bytes
+    head_dim = config.model_dim // config.num_heads
+    checks = [  # this model's options
+        (config.model_dim % config.num_heads == 0,
+         f"--model_dim={config.model_dim} is not divisible by --num_heads={config.num_heads}; pick a multiple"),
+        (config.num_heads % config.num_kv_heads == 0,
+         f"--num_heads={config.num_heads} is not divisible by --num_kv_heads={config.num_kv_heads}; pick a divisor"),
+        (head_dim % 2 == 0, f"head_dim = --model_dim / --num_heads = {head_dim} must be even for RoPE's pairs"),
+        (config.ffn_dim >= 0, f"--ffn_dim={config.ffn_dim} must be >= 0 (0 = Llama's rule)"),
+        (config.rope_theta > 1, f"--rope_theta={config.rope_theta} must be > 1"),
+        (config.rope_scaling >= 1, f"--rope_scaling={config.rope_scaling} must be >= 1 (1 = plain RoPE)"),
+        (0 <= config.yarn_alpha < config.yarn_beta,
+         f"--yarn_alpha={config.yarn_alpha} and --yarn_beta={config.yarn_beta} need 0 <= alpha < beta"),
+        (8 * config.rope_scaling * config.seq_len * (config.num_layers * config.num_kv_heads + 1) * head_dim < memory,
+         f"the RoPE tables and KV cache for rope_scaling * seq_len positions need more than this machine's memory; "
+         f"use a smaller --rope_scaling or --seq_len"),
+    ] + [  # the same in every script
+        (0 <= config.warmup_steps <= config.steps,
+         f"--warmup_steps={config.warmup_steps} must be between 0 and --steps={config.steps}"),
+        (0 <= config.min_learning_rate <= config.learning_rate,
+         f"--min_learning_rate={config.min_learning_rate} must be in [0, --learning_rate={config.learning_rate}]"),
+        (0 <= config.beta1 < 1 and 0 <= config.beta2 < 1, "--beta1 and --beta2 must be in [0, 1)"),
+        (config.weight_decay >= 0 and config.grad_clip > 0, "--weight_decay must be >= 0 and --grad_clip > 0"),
+        (1e-6 <= config.temperature <= 1e6 and config.top_k >= 0 and config.sample_tokens >= 0,
+         "--temperature must be in [1e-6, 1e6], --top_k and --sample_tokens >= 0"),
+        (0 <= config.seed < 2**32, f"--seed={config.seed} must be in [0, 2**32)"),
+        (memory_needed(config) < memory, f"training this model needs at least {memory_needed(config) / 2**30:.1f} GiB "
+         f"of memory, this machine has {memory / 2**30:.1f}; use a smaller --batch_size, --seq_len or --model_dim"),
+        (os.path.isfile(config.data), f"data file {config.data} not found; pass --data=PATH (a text file or a .npy)"),
+        (os.path.isfile(os.path.join(config.out_dir, CHECKPOINT)) or not config.resume,
+         f"--resume=true but there is no checkpoint {os.path.join(config.out_dir, CHECKPOINT)}; drop --resume or "
+         f"pass the right --out_dir"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            fail(message)
+    return config
+
+
+def memory_needed(config):
+    """A lower bound on training's memory in bytes, to refuse sizes that cannot fit before any work: every block
+    holds at least two model_dim x model_dim matrices, a weight costs 16 bytes with its gradient and AdamW's two
+    moments, and backward keeps at least the logits, their gradient and 4 vectors per token and block."""
+    weights = config.vocab_size * config.model_dim + 2 * config.num_layers * config.model_dim**2
+    tokens = config.batch_size * config.seq_len
+    return 16 * weights + 4 * tokens * (2 * config.vocab_size + 4 * config.num_layers * config.model_dim)
+
+
+def read_file(path, read, what):
+    """read(the open file), or one line and exit 2 if the file cannot be read or is not what it should be."""
+    try:
+        with open(path, "rb") as f:
+            return read(f)
+    except Exception as error:  # whatever a damaged or foreign file makes the reader raise (loading runs no code)
+        reason = (str(error).splitlines() or [""])[0][:200]
+        fail(f"{path} is not {what} ({type(error).__name__}: {reason}); check the file or pass another one")
+
+
+def check_meta(path, checkpoint, config):
+    """Parse a checkpoint's meta (step, data RNG state, config) in place. Refuses (exit 2) a damaged checkpoint or
+    another script's, one of a different model, and one already at --steps."""
+    try:
+        meta = checkpoint["meta"] = json.loads(str(checkpoint["meta"]))  # str: npz keeps it as a 0-d array
+        np.random.default_rng().bit_generator.state = meta["data_rng"]  # raises for anything but a generator's state
+        ours = set(meta["config"]) == {field.name for field in fields(Config)} and type(meta["step"]) is int
+    except (TypeError, KeyError, IndexError, ValueError):  # not a dict, a key missing, not JSON, not a state
+        ours = False
+    if not ours:
+        fail(f"{path} is damaged or not a {SCRIPT} checkpoint; choose another --out_dir")
+    for name in MODEL_FIELDS:
+        if meta["config"][name] != getattr(config, name):
+            fail(f"{path} holds a model with {name}={meta['config'][name]}, not {getattr(config, name)}; "
+                 f"pass the same model options or choose another --out_dir")
+    if meta["step"] >= config.steps:
+        fail(f"{path} is already at step {meta['step']}; pass a larger --steps to train further")
+
+
+def check_arrays(path, saved, expected):
+    """Refuse (exit 2) a checkpoint whose arrays are not exactly this model's: a name missing or unexpected, or a
+    different shape or dtype."""
+    describe = lambda array: f"{getattr(array, 'dtype', type(array).__name__)} {tuple(getattr(array, 'shape', ()))}"
+    for name in sorted((saved.keys() - {"meta"}) ^ expected.keys()):
+        fail(f"{path} {'lacks' if name in expected else 'has an unexpected'} array {name}, so it is not a checkpoint "
+             f"of this model; choose another --out_dir")
+    for name, array in expected.items():
+        if describe(saved[name]) != describe(array):
+            fail(f"{path}: {name} is {describe(saved[name])}, this model's is {describe(array)}; choose another "
+                 f"--out_dir")
+
+
+@contextlib.contextmanager
+def locked_out_dir(config):
+    """Create out_dir, check that files can be written in it, and hold an advisory lock on it until the run ends: a
+    second run on the same out_dir is refused (exit 2) instead of replacing this one's checkpoints."""
+    try:
+        os.makedirs(config.out_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=config.out_dir).close()  # really write: permissions can mislead (root, mounts)
+        lock = os.open(config.out_dir, os.O_RDONLY)
+    except OSError as error:
+        fail(f"cannot write in --out_dir={config.out_dir}: {error.strerror}; choose another --out_dir")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the lock closes, or the process ends
+    except BlockingIOError:
+        os.close(lock)
+        fail(f"--out_dir={config.out_dir} is in use by another run; wait for it to end or choose another --out_dir")
+    try:
+        yield
+    finally:
+        os.close(lock)
+
+
+def stop_if_diverged(step, config, **values):
+    """A non-finite loss or weight norm means training diverged: stop before anything non-finite is saved, exit
+    status 1 (not a usage mistake); out_dir keeps the last good checkpoint, if one was saved."""
+    for name, value in values.items():
+        if not math.isfinite(value):
+            fail(f"{name} at step {step} is {value}: training diverged and stopped; {config.out_dir} keeps the last "
+                 f"good checkpoint, if any; try a lower --learning_rate", status=1)
+
+
+def quit_on_signal(when):
+    """Outside the training loop there is nothing to save: Ctrl-C (SIGINT) or SIGTERM ends the script at once with
+    one line and exit status 128 + the signal's number (130, 143). os._exit: no exception unwinds through the
+    framework's internals, and no shutdown waits on its threads."""
+    def handler(signum, frame):
+        print(f"{SCRIPT}: stopped by {signal.Signals(signum).name} {when}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(128 + signum)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handler)
+
+
+def stop_on_signal():
+    """In the training loop Ctrl-C (SIGINT) or SIGTERM only raises a flag: the current step finishes, then the loop
+    saves a checkpoint and exits. Returns the flag: the list of signals received."""
+    received = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda signum, frame: received.append(signum))
+    return received
 
 
 def main(argv=None):
+    quit_on_signal("before training; nothing was written")
     config = parse_config(argv)
     train_tokens, val_tokens, token_bytes, floor = load_data(config)
     config.vocab_size = len(token_bytes)
-    checkpoint = open_checkpoint(config)  # before any work: a bad --resume stops here
-    init_key, sample_key = jax.random.split(jax.random.key(config.seed))
-    model = Llama(config, nnx.Rngs(init_key))
-    optimizer = make_optimizer(config)
-    data_rng = np.random.default_rng(config.seed)
-    start_step = 0
-    # jax transforms pure functions: split the model into its structure and plain nested dicts of arrays, the
-    # trained parameters and the fixed RoPE tables (a dict of Variables would cost a Python unflatten per parameter
-    # at every call)
-    graphdef, state, buffers = nnx.split(model, nnx.Param, ...)
-    params, buffers = nnx.to_pure_dict(state), nnx.to_pure_dict(buffers)
-    opt_state = optimizer.init(params)
-    if checkpoint is not None:
-        params, opt_state, start_step = restore_checkpoint(checkpoint, params, opt_state, data_rng)
-        print(f"resuming from step {start_step}")
-    byte_lengths = np.array([len(b) for b in token_bytes])
-    tokens_per_byte = len(val_tokens) / byte_lengths[val_tokens].sum()  # 1 for a byte corpus
-    print(f"data {config.data}: {len(train_tokens):,} train / {len(val_tokens):,} val tokens, "
-          f"vocab_size {config.vocab_size}")
-    print(f"model: {sum(p.size for p in jax.tree.leaves(params)):,} parameters")
-    train_step, eval_loss = make_steps(graphdef, buffers, optimizer)
+    with locked_out_dir(config):  # until main ends
+        checkpoint = open_checkpoint(config)
+        init_key, sample_key = jax.random.split(jax.random.key(config.seed))
+        model = Llama(config, nnx.Rngs(init_key))
+        optimizer = make_optimizer(config)
+        data_rng = np.random.default_rng(config.seed)
+        # jax transforms pure functions: split the model into its structure and plain nested dicts of arrays, the
+        # trained parameters and the fixed RoPE tables (a dict of Variables would cost a Python unflatten per
+        # parameter at every call)
+        graphdef, state, buffers = nnx.split(model, nnx.Param, ...)
+        params, buffers = nnx.to_pure_dict(state), nnx.to_pure_dict(buffers)
+        opt_state = optimizer.init(params)
+        start_step = 0
+        if checkpoint is not None:
+            params, opt_state, start_step = restore_checkpoint(checkpoint, params, opt_state, data_rng, config)
+            print(f"resuming from step {start_step}")
+        byte_lengths = np.array([len(b) for b in token_bytes])
+        tokens_per_byte = len(val_tokens) / byte_lengths[val_tokens].sum()  # 1 for a byte corpus
+        print(f"data {config.data}: {len(train_tokens):,} train / {len(val_tokens):,} val tokens, "
+              f"vocab_size {config.vocab_size}")
+        print(f"model: {sum(p.size for p in jax.tree.leaves(params)):,} parameters")
+        train_step, eval_loss = make_steps(graphdef, buffers, optimizer)
 
-    stop_requested = []  # Ctrl-C only sets this flag: the current step finishes, then we save and exit
-    previous_handler = signal.signal(signal.SIGINT, lambda signum, frame: stop_requested.append(signum))
-    tokens_per_step = config.batch_size * config.seq_len
-    timer, timed_from = time.perf_counter(), start_step
-    for step in range(start_step, config.steps):
-        learning_rate = learning_rate_at(step, config)  # for the log: the optimizer reads it from its schedule
-        x, y = get_batch(train_tokens, data_rng, config)
-        params, opt_state, loss = train_step(params, opt_state, x, y)  # asynchronous: returns at once
-        done = step + 1  # steps completed
-        if done % config.log_interval == 0:
-            loss = float(loss)  # waits for the step: time only at log lines, so dispatch overlaps compute
-            ms = (time.perf_counter() - timer) * 1000 / (done - timed_from)
-            print(f"step {done:5d}/{config.steps} | loss {loss:.4f} | lr {learning_rate:.1e} | "
-                  f"{ms:.1f} ms/step | {tokens_per_step / ms:.1f}k tok/s", flush=True)
-            timer, timed_from = time.perf_counter(), done
-        if done % config.eval_interval == 0 or done == config.steps:
-            train_loss, val_loss = (evaluate(eval_loss, params, split, config) for split in (train_tokens, val_tokens))
-            bpb = val_loss / math.log(2) * tokens_per_byte
-            print(f"eval step {done:5d} | train {train_loss:.4f} | val {val_loss:.4f} | val bpb {bpb:.3f}"
-                  + (f" | floor {floor:.3f}" if floor is not None else ""), flush=True)
-            save_checkpoint(params, opt_state, done, data_rng, config)
-            timer, timed_from = time.perf_counter(), done  # keep evaluation out of ms/step
-        if stop_requested:
-            path = save_checkpoint(params, opt_state, done, data_rng, config)
-            print(f"interrupted: saved step {done} to {path}; continue with --resume=true", flush=True)
-            sys.exit(130)
-    signal.signal(signal.SIGINT, previous_handler)
+        stop_requested = stop_on_signal()  # the current step finishes, then we save and exit
+        tokens_per_step = config.batch_size * config.seq_len
+        timer, timed_from = time.perf_counter(), start_step
+        for step in range(start_step, config.steps):
+            learning_rate = learning_rate_at(step, config)  # for the log: the optimizer reads it from its schedule
+            x, y = get_batch(train_tokens, data_rng, config)
+            params, opt_state, loss = train_step(params, opt_state, x, y)  # asynchronous: returns at once
+            loss = float(loss)  # waits for the step
+            done = step + 1  # steps completed
+            stop_if_diverged(done, config, loss=loss)
+            if done % config.log_interval == 0:
+                ms = (time.perf_counter() - timer) * 1000 / (done - timed_from)
+                print(f"step {done:5d}/{config.steps} | loss {loss:.4f} | lr {learning_rate:.1e} | "
+                      f"{ms:.1f} ms/step | {tokens_per_step / ms:.1f}k tok/s", flush=True)
+                timer, timed_from = time.perf_counter(), done
+            evaluating = done % config.eval_interval == 0 or done == config.steps
+            if evaluating:
+                train_loss, val_loss = (evaluate(eval_loss, params, split, config)
+                                        for split in (train_tokens, val_tokens))
+                stop_if_diverged(done, config, train_loss=train_loss, val_loss=val_loss)
+                bpb = val_loss / math.log(2) * tokens_per_byte
+                print(f"eval step {done:5d} | train {train_loss:.4f} | val {val_loss:.4f} | val bpb {bpb:.3f}"
+                      + (f" | floor {floor:.3f}" if floor is not None else ""), flush=True)
+            if evaluating or stop_requested:
+                weight_norm = float(optax.global_norm(params))
+                stop_if_diverged(done, config, weight_norm=weight_norm)
+                path = save_checkpoint(params, opt_state, done, data_rng, config)
+                timer, timed_from = time.perf_counter(), done  # keep evaluation and saving out of ms/step
+            if stop_requested:
+                then = "continue with --resume=true" if done < config.steps else "training is complete"
+                print(f"{SCRIPT}: stopped by {signal.Signals(stop_requested[0]).name}: saved step {done} to {path}; "
+                      f"{then}", file=sys.stderr)
+                sys.exit(128 + stop_requested[0])
 
-    nnx.update(model, params)  # the trained arrays back into the model object
-    prompt = sample_prompt(val_tokens, token_bytes, max(1, config.seq_len // 4))
-    tokens = generate(model, prompt, config.sample_tokens, config.temperature, config.top_k, sample_key)
-    print("sample:\n" + b"".join(token_bytes[t] for t in tokens).decode("utf-8", errors="replace"))
+        quit_on_signal(f"while sampling; {path} holds the trained model")
+        nnx.update(model, params)  # the trained arrays back into the model object
+        prompt = sample_prompt(val_tokens, token_bytes, max(1, config.seq_len // 4))
+        print("sample:", flush=True)
+        tokens = generate(model, prompt, config.sample_tokens, config.temperature, config.top_k, sample_key)
+        print(b"".join(token_bytes[t] for t in tokens).decode("utf-8", errors="replace"))
 
 
 if __name__ == "__main__":

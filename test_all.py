@@ -45,7 +45,7 @@ import llama_torch  # noqa: E402
 import make_stories  # noqa: E402  (data/make_stories.py)
 
 STORIES = os.path.join(ROOT, "data", "stories.txt")
-FLOOR = os.path.join(ROOT, "data", "stories.floor.json")
+FLOOR = os.path.join(ROOT, "data", "stories.txt.floor.json")
 
 
 def run_script(*args, timeout=120):
@@ -187,7 +187,7 @@ def parse_losses(stdout):
 
 
 # -----------------------------------------------------------------------------
-# The corpus: data/make_stories.py, data/stories.txt, data/stories.floor.json
+# The corpus: data/make_stories.py, data/stories.txt, data/stories.txt.floor.json
 
 
 class _NeedChoice(Exception):
