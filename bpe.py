@@ -31,9 +31,10 @@ inject a control token by accident; encode_ordinary() encodes such text as plain
 
 Usage:
     python bpe.py --data=data/stories.txt --vocab_size=1024
-writes, next to the corpus: data/stories.bpe1024.npy (the whole file as token ids),
-data/stories.bpe1024.json (the tokenizer; model scripts decode with its "token_bytes" list alone)
-and data/stories.bpe1024.vocab.txt (one line per token, to read).
+writes, next to the corpus, three files named after its full name: data/stories.txt.bpe1024.npy
+(the whole file as token ids), data/stories.txt.bpe1024.json (the tokenizer; model scripts decode
+with its "token_bytes" list alone) and data/stories.txt.bpe1024.vocab.txt (one line per token, to
+read). It replaces existing ones only with --overwrite=true.
 """
 
 import argparse
@@ -41,9 +42,13 @@ import heapq
 import json
 import os
 import re
+import signal
 import sys
 import time
 from collections import Counter, defaultdict
+
+if __name__ == "__main__":  # Ctrl-C while numpy loads or training runs: end at once, no traceback
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import numpy as np
 
@@ -312,12 +317,40 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"bpe.py: error: {message} (see --help)\n")
 
 
+def parse_bool(text):
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def check_outputs(paths, overwrite, error):
+    """Before any work, refuse (error(message) exits) an output path that is a folder, that exists
+    unless overwrite is true, or that cannot be written. Nothing is left changed."""
+    for path in paths:
+        if os.path.isdir(path):
+            error(f"{path} is a folder: give a file name")
+        exists = os.path.lexists(path)
+        if exists and not overwrite:
+            error(f"{path} already exists: pass --overwrite=true to replace it")
+        try:  # really try (as root, os.access says yes to everything); "ab" leaves the bytes alone
+            open(path, "ab" if exists else "xb").close()
+            if not exists:
+                os.remove(path)
+        except OSError as e:
+            error(f"cannot write {path}: {e.strerror}")
+
+
 def main():
     parser = ArgumentParser(description="Train a byte-level BPE tokenizer on a UTF-8 text file and "
                             "write the tokenized file next to it.", allow_abbrev=False)
-    parser.add_argument("--data", default="data/stories.txt", help="UTF-8 text corpus (default: %(default)s)")
+    parser.add_argument("--data", default="data/stories.txt", help="UTF-8 text corpus; the outputs are its "
+                        "full name plus .bpe<vocab_size>.npy, .json and .vocab.txt (default: %(default)s)")
     parser.add_argument("--vocab_size", type=int, default=1024,
                         help="tokens in the vocabulary: 256 bytes + merges + 1 special token (default: %(default)s)")
+    parser.add_argument("--overwrite", type=parse_bool, default=False,
+                        help="replace the outputs if they exist (default: false)")
     args = parser.parse_args()
     # <|endoftext|> is registered so that a corpus which separates documents with it gets one id per
     # separator, never merged with its neighbours; a corpus without it (like data/stories.txt) just
@@ -325,6 +358,8 @@ def main():
     special_tokens = ["<|endoftext|>"]
     if not 256 + len(special_tokens) <= args.vocab_size <= 2**20:
         parser.error(f"--vocab_size must be between {256 + len(special_tokens)} and {2**20}, got {args.vocab_size}")
+    if os.path.exists(args.data) and not os.path.isfile(args.data):
+        parser.error(f"--data={args.data} is not a file: give a UTF-8 text file")
     try:
         with open(args.data, "rb") as f:
             raw = f.read()  # bytes, not text mode: text mode would turn "\r\n" into "\n"
@@ -333,6 +368,8 @@ def main():
         parser.error(f"cannot read --data={args.data}: {e.strerror}")
     except UnicodeDecodeError as e:
         parser.error(f"--data={args.data} is not UTF-8 text (byte {e.start}): give a UTF-8 file")
+    prefix = f"{args.data}.bpe{args.vocab_size}"  # the full name, so no two inputs share outputs
+    check_outputs([prefix + ".npy", prefix + ".json", prefix + ".vocab.txt"], args.overwrite, parser.error)
 
     start = time.perf_counter()
     tokenizer = train(text, args.vocab_size, special_tokens)
@@ -342,8 +379,6 @@ def main():
     encode_seconds = time.perf_counter() - start
     assert b"".join(tokenizer.token_bytes[i] for i in ids) == raw  # what the model scripts rely on
 
-    folder, name = os.path.split(args.data)
-    prefix = os.path.join(folder, f"{name.split('.')[0] or name}.bpe{args.vocab_size}")
     np.save(prefix + ".npy", np.array(ids, dtype=np.uint16 if args.vocab_size <= 2**16 else np.int32))
     tokenizer.save(prefix + ".json")
     tokenizer.save_vocab(prefix + ".vocab.txt")

@@ -269,13 +269,12 @@ def get_batch(tokens, rng, config):
 
 
 def make_optimizer(config):
-    """AdamW; weight decay only on tensors of two or more dims (matrices, embeddings), not biases or norm gains.
-    optax calls the schedule with its count of updates done, the same step number torch's loop uses."""
-    schedule = jnp.array([learning_rate_at(step, config) for step in range(config.steps)])  # (steps,)
+    """AdamW but its learning rate, which the train step applies as torch's loop does (a number per step, so the
+    compiled step serves any schedule): clip the global gradient norm, Adam's update, then decoupled weight decay,
+    only on tensors of two or more dims (matrices, embeddings), not biases or norm gains."""
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-    return optax.chain(optax.clip_by_global_norm(config.grad_clip),
-                       optax.adamw(lambda count: schedule[count], b1=config.beta1, b2=config.beta2,
-                                   weight_decay=config.weight_decay, mask=decay_mask))
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip), optax.scale_by_adam(config.beta1, config.beta2),
+                       optax.add_decayed_weights(config.weight_decay, mask=decay_mask))
 
 
 def learning_rate_at(step, config):
@@ -296,11 +295,12 @@ def make_steps(graphdef, optimizer, dropout_key):
         return nnx.merge(graphdef, params)(x, y, rngs)[1]
 
     @partial(jax.jit, donate_argnums=(0, 1))  # params and optimizer state are updated in place
-    def train_step(params, opt_state, x, y, step):
+    def train_step(params, opt_state, x, y, learning_rate, step):
         key = jax.random.fold_in(dropout_key, step)  # a function of the step: resuming needs no key state
         loss, grads = jax.value_and_grad(loss_fn)(params, x, y, key)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        params = jax.tree.map(lambda p, u: p - learning_rate * u, params, updates)  # AdamW's step: -lr * update
+        return params, opt_state, loss
 
     return train_step, jax.jit(partial(loss_fn, key=None))
 
@@ -598,9 +598,9 @@ def main(argv=None):
         tokens_per_step = config.batch_size * config.seq_len
         timer, timed_from = time.perf_counter(), start_step
         for step in range(start_step, config.steps):
-            learning_rate = learning_rate_at(step, config)  # for the log: the optimizer reads it from its schedule
+            learning_rate = learning_rate_at(step, config)
             x, y = get_batch(train_tokens, data_rng, config)
-            params, opt_state, loss = train_step(params, opt_state, x, y, step)  # asynchronous: returns at once
+            params, opt_state, loss = train_step(params, opt_state, x, y, learning_rate, step)  # asynchronous: returns at once
             loss = float(loss)  # waits for the step
             done = step + 1  # steps completed
             stop_if_diverged(done, config, loss=loss)

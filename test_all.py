@@ -20,6 +20,8 @@ import math
 import os
 import random
 import re
+import runpy
+import shutil
 import signal
 import subprocess
 import sys
@@ -61,6 +63,32 @@ def assert_one_line_error(result, *words):
     assert len(lines) == 1, result.stderr
     for word in words:
         assert word in lines[0], (word, lines[0])
+
+
+# Folders in which nobody, not even root, can create a file: tests run as root, where a chmod does not stop writes.
+UNWRITABLE = ["/proc", "/sys"] if sys.platform == "linux" else []
+
+
+def run_in(folder, script, *args):
+    """Run a project tool (bpe.py, data/make_stories.py) as a user would, from `folder`."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=folder, capture_output=True,
+                          text=True, timeout=60)
+
+
+def snapshot(folder):
+    """Every entry under folder: a file's (bytes, mtime), None for a folder. Equal snapshots: nothing changed."""
+    entries = {}
+    for parent, folders, files in os.walk(folder):
+        for name in folders + files:
+            path = os.path.join(parent, name)
+            entries[os.path.relpath(path, folder)] = (None if name in folders else
+                                                      (open(path, "rb").read(), os.stat(path).st_mtime_ns))
+    return entries
+
+
+def write(folder, name, data):
+    with open(os.path.join(folder, name), "wb") as f:
+        f.write(data)
 
 
 def write_tiny_corpus(directory, name="tiny.txt"):
@@ -123,6 +151,18 @@ def run_main(module, args):
     return out.getvalue()
 
 
+def exit_of(module, args):
+    """Run module.main(args) in this process, expecting it to exit; returns the exit status and the stderr lines.
+    A traceback fails the test that called it."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            module.main(args)
+        except SystemExit as exit:
+            return exit.code, err.getvalue().splitlines()
+    raise AssertionError(f"{module.__name__} {args} did not exit")
+
+
 def mistakes_every_script_refuses(tmp):
     """(arguments, a word the one-line message must contain) that every model script refuses the same way.
     tmp/taken holds (empty) checkpoints of both frameworks: a fresh run must not overwrite them."""
@@ -136,6 +176,14 @@ def mistakes_every_script_refuses(tmp):
         (["--seq_len=1000"], "seq_len"),  # the corpus is too short for this context
         (["--resume=true", f"--out_dir={tmp}/empty"], "resume"),
         ([f"--out_dir={tmp}/taken"], "--resume=true"),  # never overwrite a checkpoint
+        (["--learning_rate=nan"], "finite"),
+        (["--temperature=inf"], "finite"),
+        (["--temperature=1e-9"], "temperature"),  # logits / temperature would overflow
+        (["--seed=-1"], "seed"),
+        (["--num_heads=0"], "num_heads"),
+        (["--batch_size=1000000000"], "memory"),
+        ([f"--out_dir={tmp}/taken/ckpt.pt/sub"], "cannot write"),  # a file in the way
+        (["--out_dir=/proc/no_such_dir"], "cannot write"),
     ]
 
 
@@ -149,15 +197,8 @@ def assert_cli_refuses(modules, family_cases, user_runs):
         cases = mistakes_every_script_refuses(tmp) + family_cases
         for module in modules:
             for args, word in cases:
-                err = io.StringIO()
-                with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-                    try:
-                        module.main([f"--data={data}", f"--out_dir={out_dir}", *args])
-                        raise AssertionError(f"{module.__name__} accepted {args}")
-                    except SystemExit as exit:
-                        assert exit.code == 2, (module.__name__, args)
-                lines = err.getvalue().splitlines()
-                assert len(lines) == 1 and word in lines[0], (module.__name__, args, lines)
+                status, lines = exit_of(module, [f"--data={data}", f"--out_dir={out_dir}", *args])
+                assert status == 2 and len(lines) == 1 and word in lines[0], (module.__name__, args, status, lines)
         assert not os.path.exists(out_dir)
         commands = [[script, f"--data={data}", f"--out_dir={out_dir}", *args] for script, args in user_runs]
         for (script, args), result in zip(user_runs, run_scripts(*commands)):
@@ -293,6 +334,41 @@ def test_corpus_generator_refuses_bad_input():
     assert_one_line_error(run_script("data/make_stories.py", "--colour=red"), "--colour")
 
 
+def test_corpus_generator_writes_only_what_it_is_asked():
+    with tempfile.TemporaryDirectory() as tmp:
+        write(tmp, "story.txt", b"old text")
+        write(tmp, "story.txt.floor.json", b"old floor")
+        write(tmp, "lone.txt.floor.json", b"a floor without its text")
+        write(tmp, "file", b"a file where a folder should be")
+        os.mkdir(os.path.join(tmp, "folder.txt"))
+        write(tmp, "folder_floor.txt", b"a text whose floor is a folder")  # must survive a refused --overwrite
+        os.mkdir(os.path.join(tmp, "folder_floor.txt.floor.json"))
+        refusals = [  # (--out and options, words the one line must hold)
+            (["--out=story.txt"], ["story.txt", "already exists", "--overwrite"]),
+            (["--out=lone.txt"], ["lone.txt.floor.json", "already exists"]),  # only the floor exists
+            (["--out=new.txt", "--overwrite=maybe"], ["--overwrite", "true/false"]),
+            (["--out=folder.txt", "--overwrite=true"], ["folder.txt", "is a folder"]),  # even with --overwrite
+            (["--out=folder_floor.txt", "--overwrite=true"], ["folder_floor.txt.floor.json", "is a folder"]),
+            (["--out=gone/x.txt"], ["--out", "does not exist"]),
+            (["--out=file/x.txt"], ["--out", "does not exist"]),
+        ] + [([f"--out={folder}/x.txt"], ["cannot write", f"{folder}/x.txt"]) for folder in UNWRITABLE]
+        before = snapshot(tmp)
+        for args, words in refusals:
+            result = run_in(tmp, "data/make_stories.py", *args, "--num_bytes=2000")
+            assert_one_line_error(result, *words)
+            assert result.stdout == "" and snapshot(tmp) == before, args
+        assert not any(os.path.lexists(f"{folder}/x.txt{end}") for folder in UNWRITABLE for end in ["", ".floor.json"])
+
+        # Asked to: the text and its floor (<out>.floor.json) are replaced, and nothing else changes.
+        result = run_in(tmp, "data/make_stories.py", "--out=story.txt", "--overwrite=true", "--num_bytes=2000")
+        assert result.returncode == 0, result.stderr
+        after = snapshot(tmp)
+        assert set(after) == set(before)
+        assert {name for name in before if after[name] != before[name]} == {"story.txt", "story.txt.floor.json"}
+        text, floor = after["story.txt"][0], json.loads(after["story.txt.floor.json"][0])
+        assert floor["num_bytes"] == len(text) >= 2000 and floor["sha256"] == hashlib.sha256(text).hexdigest()
+
+
 def test_readme_commands_are_the_ones_ci_runs():
     readme = open(os.path.join(ROOT, "README.md")).read()
     ci = [line.strip() for line in open(os.path.join(ROOT, ".ci", "run"))
@@ -383,8 +459,10 @@ def test_gpt_training_steps_match_across_frameworks():
     rng = np.random.default_rng(3)
     for step in range(3):
         x, y = rng.integers(0, 256, size=(2, 2, 16))
-        torch_loss = torch_step(x, y, gpt_torch.learning_rate_at(step, config)).item()
-        params, opt_state, jax_loss = jax_step(params, opt_state, x.astype(np.int32), y.astype(np.int32), step)
+        learning_rate = gpt_torch.learning_rate_at(step, config)
+        torch_loss = torch_step(x, y, learning_rate).item()
+        params, opt_state, jax_loss = jax_step(params, opt_state, x.astype(np.int32), y.astype(np.int32), learning_rate,
+                                               step)
         assert abs(torch_loss - float(jax_loss)) < 1e-4, step
     nnx.update(jax_model, params)
     reference = gpt_jax.GPT(tiny_config(gpt_jax, **overrides), nnx.Rngs(1))
@@ -447,6 +525,8 @@ def test_gpt_cli_errors():
         (["--model_dim=30", "--num_heads=4"], "num_heads"),
         (["--position_embedding=rotary"], "rotary"),
         (["--seq_len=0"], "seq_len"),
+        (["--dropout=1"], "dropout"),
+        (["--position_embedding=alibi", "--seq_len=100000"], "ALiBi"),  # its bias table alone exceeds memory
     ]
     assert_cli_refuses((gpt_torch, gpt_jax), cases,
                        [("gpt_torch.py", ["--steps=abc"]), ("gpt_jax.py", ["--model_dim=30"])])
@@ -475,22 +555,18 @@ def test_gpt_torch_ctrl_c_and_resume_equal_uninterrupted():
                   "--eval_steps=1", "--sample_tokens=0"]
         whole = run_main(gpt_torch, common + [f"--out_dir={tmp}/whole"])
         undo = interrupt_at_step(gpt_torch, 5)
-        out = io.StringIO()
         try:
-            with contextlib.redirect_stdout(out):
-                gpt_torch.main(common + [f"--out_dir={tmp}/part"])
-            raise AssertionError("Ctrl-C did not stop the run")
-        except SystemExit as exit:
-            assert exit.code == 130
+            status, lines = exit_of(gpt_torch, common + [f"--out_dir={tmp}/part"])
         finally:
             undo()
-        assert out.getvalue().splitlines()[-1].startswith("interrupted: saved step 5 to ")
+        assert status == 130 and lines == [f"gpt_torch.py: stopped by SIGINT: saved step 5 to {tmp}/part/ckpt.pt; "
+                                           f"continue with --resume=true"], (status, lines)
         resumed = run_main(gpt_torch, common + [f"--out_dir={tmp}/part", "--resume=true"])
         assert "resuming from step 5" in resumed
         tail = lambda text: [line.split(" | ")[:2] for line in text.splitlines() if re.match(r"step +([6-9]|10)/", line)]
         assert len(tail(whole)) == 5 and tail(whole) == tail(resumed)
-        a, b = (torch.load(f"{tmp}/{run}/ckpt.pt", weights_only=True)["model"] for run in ("whole", "part"))
-        assert all(torch.equal(a[name], b[name]) for name in a)
+        a, b = (torch.load(f"{tmp}/{run}/ckpt.pt", weights_only=True) for run in ("whole", "part"))
+        assert all(torch.equal(a[name], b[name]) for name in a if name != "meta")
 
 
 def test_gpt_jax_checkpoint_resume_equals_uninterrupted():
@@ -510,7 +586,8 @@ def test_gpt_jax_checkpoint_resume_equals_uninterrupted():
         def train(params, opt_state, rng, steps):
             losses = []
             for step in steps:
-                params, opt_state, loss = train_step(params, opt_state, *gpt_jax.get_batch(tokens, rng, config), step)
+                params, opt_state, loss = train_step(params, opt_state, *gpt_jax.get_batch(tokens, rng, config),
+                                                     gpt_jax.learning_rate_at(step, config), step)
                 losses.append(float(loss))
             return params, opt_state, losses
 
@@ -520,11 +597,12 @@ def test_gpt_jax_checkpoint_resume_equals_uninterrupted():
         _, params, opt_state = fresh()
         rng = np.random.default_rng(config.seed)
         params, opt_state, first = train(params, opt_state, rng, range(5))
+        os.makedirs(config.out_dir)
         gpt_jax.save_checkpoint(params, opt_state, 5, rng, config)
         checkpoint = gpt_jax.open_checkpoint(dataclasses.replace(config, resume=True))
         _, params, opt_state = fresh()
         rng = np.random.default_rng(12345)  # the checkpoint puts the data stream back
-        params, opt_state, step = gpt_jax.restore_checkpoint(checkpoint, params, opt_state, rng)
+        params, opt_state, step = gpt_jax.restore_checkpoint(checkpoint, params, opt_state, rng, config)
         params, _, second = train(params, opt_state, rng, range(step, 10))
         assert step == 5 and first + second == whole
         assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(whole_params), jax.tree.leaves(params)))
@@ -718,10 +796,10 @@ def test_bpe_cli_roundtrip():
         result = _run_cli(folder, "--data=corpus.v2.txt", "--vocab_size=300")
         assert result.returncode == 0, result.stderr
         assert "bytes per token" in result.stdout
-        ids = np.load(os.path.join(folder, "corpus.bpe300.npy"))
-        with open(os.path.join(folder, "corpus.bpe300.json"), encoding="utf-8") as f:
+        ids = np.load(os.path.join(folder, "corpus.v2.txt.bpe300.npy"))
+        with open(os.path.join(folder, "corpus.v2.txt.bpe300.json"), encoding="utf-8") as f:
             token_bytes = [bytes.fromhex(h) for h in json.load(f)["token_bytes"]]  # all a model script reads
-        assert os.path.exists(os.path.join(folder, "corpus.bpe300.vocab.txt"))
+        assert os.path.exists(os.path.join(folder, "corpus.v2.txt.bpe300.vocab.txt"))
     assert ids.dtype == np.uint16 and len(token_bytes) == 300
     assert b"".join(token_bytes[i] for i in ids.tolist()) == raw
     assert len(ids) < len(raw) * 0.8  # the merges do compress
@@ -747,16 +825,85 @@ def test_bpe_cli_bad_input():
         assert sorted(os.listdir(folder)) == ["latin1.txt", "ok.txt"]  # nothing written
 
 
+def decodes_to(folder, prefix):
+    """The bytes that prefix.npy decodes to with the token bytes in prefix.json, as a model script reads them."""
+    with open(os.path.join(folder, prefix + ".json"), encoding="utf-8") as f:
+        token_bytes = [bytes.fromhex(h) for h in json.load(f)["token_bytes"]]
+    return b"".join(token_bytes[i] for i in np.load(os.path.join(folder, prefix + ".npy")).tolist())
+
+
+def test_bpe_cli_writes_only_what_it_is_asked():
+    with tempfile.TemporaryDirectory() as tmp:
+        write(tmp, "c.txt", b"the cat sat on the mat, the cat sat on the hat. " * 20)
+        write(tmp, "c.v2.txt", b"a dog ran in the park, a dog ran in the dark. " * 20)
+        write(tmp, "taken.txt", b"hello hello")
+        write(tmp, "taken.txt.bpe300.vocab.txt", b"an output of an earlier run")  # one of the three is enough
+        write(tmp, "blocked.txt", b"hello hello")
+        write(tmp, "blocked.txt.bpe300.npy", b"must survive a refused --overwrite")
+        os.mkdir(os.path.join(tmp, "blocked.txt.bpe300.json"))
+        write(tmp, "latin1.txt", "caf\u00e9 ol\u00e9".encode("latin-1"))
+        refusals = [  # (options, words the one line must hold)
+            (["--data=taken.txt"], ["taken.txt.bpe300.vocab.txt", "already exists", "--overwrite"]),
+            (["--data=c.txt", "--overwrite=maybe"], ["--overwrite", "true/false"]),
+            (["--data=blocked.txt", "--overwrite=true"], ["blocked.txt.bpe300.json", "is a folder"]),  # even so
+            (["--data=latin1.txt"], ["latin1.txt", "UTF-8"]),
+            (["--data=missing.txt"], ["missing.txt", "cannot read"]),
+            (["--data=."], ["--data=.", "not a file"]),
+        ] + ([(["--data=/proc/version"], ["cannot write", "/proc/version.bpe300.npy"])] if UNWRITABLE else [])
+        before = snapshot(tmp)
+        for args, words in refusals:
+            result = run_in(tmp, "bpe.py", *args, "--vocab_size=300")
+            assert_one_line_error(result, *words)
+            assert result.stdout == "" and snapshot(tmp) == before, args
+        assert not os.path.lexists("/proc/version.bpe300.npy")
+
+        # The outputs are the input's full name plus .bpe300.*: distinct inputs get distinct outputs, and an
+        # output of an earlier run given as input (c.txt.bpe300.json) is read, never overwritten.
+        inputs = ["c.txt", "c.v2.txt", "c.txt.bpe300.json"]
+        for data in inputs:
+            assert run_in(tmp, "bpe.py", f"--data={data}", "--vocab_size=300").returncode == 0, data
+        after = snapshot(tmp)
+        assert set(after) - set(before) == {f"{data}.bpe300{end}" for data in inputs
+                                            for end in [".npy", ".json", ".vocab.txt"]}
+        assert all(after[name] == before[name] for name in before)
+        for data in inputs:
+            assert decodes_to(tmp, data + ".bpe300") == after[data][0], data
+
+        # Asked to, it replaces the earlier outputs.
+        assert run_in(tmp, "bpe.py", "--data=taken.txt", "--vocab_size=300", "--overwrite=true").returncode == 0
+        assert decodes_to(tmp, "taken.txt.bpe300") == b"hello hello"
+        with open(os.path.join(tmp, "taken.txt.bpe300.vocab.txt"), encoding="utf-8") as f:
+            assert f.readline() == "     0  '\\x00'\n"
+
+
+def test_tools_end_quietly_on_ctrl_c():
+    # Each tool, run as a script, gives SIGINT its default action before any work (bpe.py even before numpy loads),
+    # so Ctrl-C ends the process at once, with no traceback. Checked in-process: run the script on an option it
+    # refuses, then look at the SIGINT action it left behind.
+    previous, argv = signal.getsignal(signal.SIGINT), sys.argv
+    seen = []
+    for script, bad_option in [("bpe.py", "--vocab_size=1"), ("data/make_stories.py", "--seed=-1")]:
+        sys.argv = [script, bad_option]
+        try:
+            with contextlib.redirect_stderr(io.StringIO()), contextlib.suppress(SystemExit):
+                runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+            seen.append(signal.getsignal(signal.SIGINT))
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            sys.argv = argv
+    assert seen == [signal.SIG_DFL, signal.SIG_DFL]
+
+
 def test_bpe_corpus_trains_gpt_and_reports_bits_per_byte():
     # bpe.py tokenizes a corpus; gpt_torch.py trains on the .npy, its loss falls, and its val bits per
     # byte equals val loss / ln 2 * (val tokens / val bytes), counted here from the files alone; the
-    # floor file of the text (<name>.floor.json) is found from the tokenized corpus's name.
+    # floor file of the text (<text file>.floor.json, e.g. tiny.txt.floor.json) is found from the tokenized corpus's name.
     with tempfile.TemporaryDirectory() as tmp:
         data = write_tiny_corpus(tmp)
-        with open(os.path.join(tmp, "tiny.floor.json"), "w") as f:
+        with open(os.path.join(tmp, "tiny.txt.floor.json"), "w") as f:
             json.dump({"train_bpb": 0.25, "val_bpb": 0.125}, f)
         assert _run_cli(tmp, "--data=tiny.txt", "--vocab_size=300").returncode == 0
-        npy = os.path.join(tmp, "tiny.bpe300.npy")
+        npy = os.path.join(tmp, "tiny.txt.bpe300.npy")
         result = run_script("gpt_torch.py", f"--data={npy}", "--seq_len=16", "--num_layers=1", "--model_dim=32",
                             "--batch_size=8", "--steps=30", "--warmup_steps=3", "--learning_rate=3e-3",
                             "--log_interval=5", "--eval_interval=30", "--eval_steps=2", "--sample_tokens=10",
@@ -767,7 +914,7 @@ def test_bpe_corpus_trains_gpt_and_reports_bits_per_byte():
         val_loss, bpb, floor = map(float, re.search(
             r"\| val ([0-9.]+) \| val bpb ([0-9.]+) \| floor ([0-9.]+)", result.stdout).groups())
         ids = np.load(npy)
-        token_bytes = json.load(open(os.path.join(tmp, "tiny.bpe300.json")))["token_bytes"]
+        token_bytes = json.load(open(os.path.join(tmp, "tiny.txt.bpe300.json")))["token_bytes"]
         val = ids[int(0.9 * len(ids)):]
         val_bytes = sum(len(token_bytes[i]) // 2 for i in val.tolist())  # two hex digits a byte
         assert abs(bpb - val_loss / math.log(2) * len(val) / val_bytes) < 2e-3
@@ -905,7 +1052,8 @@ def test_llama_training_steps_match_across_frameworks():
         loss.backward()
         torch.nn.utils.clip_grad_norm_(torch_model.parameters(), config.grad_clip)
         torch_optimizer.step()
-        params, opt_state, jax_loss = train_step(params, opt_state, x.astype(np.int32), y.astype(np.int32))
+        params, opt_state, jax_loss = train_step(params, opt_state, x.astype(np.int32), y.astype(np.int32),
+                                                 llama_jax.learning_rate_at(step, config))
         assert abs(loss.item() - float(jax_loss)) < 1e-4
     nnx.update(jax_model, params)
     kernel = np.asarray(jax_model.blocks[1].ffn.down.kernel[...])
@@ -1034,6 +1182,8 @@ def test_llama_cli_errors():
         (["--ffn_dim=-1"], "ffn_dim"),
         (["--qk_norm=maybe"], "--qk_norm"),
         (["--dropout=0.1"], "--dropout"),  # Llama has no dropout
+        (["--rope_scaling=1e30"], "rope_scaling"),  # RoPE tables for 1e30 * seq_len positions
+        (["--yarn_beta=inf"], "finite"),
     ]
     assert_cli_refuses((llama_torch, llama_jax), cases,
                        [("llama_torch.py", ["--num_kv_heads=3"]), ("llama_jax.py", ["--rope_scaling=0.5"])])
@@ -1055,11 +1205,222 @@ def test_llama_resume_equals_uninterrupted():
             tail = lambda out: [line.split(" | ")[:2] for line in out.splitlines() if re.match(r"step +([7-9]|1\d)/", line)]
             assert len(tail(whole)) == 6 and tail(whole) == tail(resumed), module.__name__
             if module is llama_torch:
-                a, b = (torch.load(f"{tmp}/{run}/{checkpoint}", weights_only=True)["model"] for run in ("whole", "part"))
-                assert all(torch.equal(a[name], b[name]) for name in a)
+                a, b = (torch.load(f"{tmp}/{run}/{checkpoint}", weights_only=True) for run in ("whole", "part"))
+                assert all(torch.equal(a[name], b[name]) for name in a if name != "meta")
             else:
                 a, b = (np.load(f"{tmp}/{run}/{checkpoint}") for run in ("whole", "part"))
                 assert all(np.array_equal(a[name], b[name]) for name in a.files if name != "meta")
+
+
+# -----------------------------------------------------------------------------
+# The skeleton: what every model script does with bad files, a diverged run, a busy out_dir and signals
+
+
+SKELETON = (gpt_torch, gpt_jax, llama_torch, llama_jax)
+TINY = ["--seq_len=8", "--num_layers=1", "--model_dim=16", "--num_heads=2", "--batch_size=2", "--warmup_steps=0",
+        "--min_learning_rate=0", "--eval_steps=1", "--log_interval=1", "--sample_tokens=0"]
+_RUNS = {}  # module -> a folder holding data.txt and out/, a checkpoint after 2 steps: made once, copied by tests
+
+
+def assert_refused(module, args, word, folder, status=2):
+    """module.main(args) exits with status and one line on stderr that contains word; no file under folder changed."""
+    before = snapshot(folder)
+    code, lines = exit_of(module, args)
+    assert code == status and len(lines) == 1 and word in lines[0], (module.__name__, args, code, lines)
+    assert snapshot(folder) == before, (module.__name__, args, "changed a file")
+
+
+def tiny_run(module):
+    """A copy of a folder with data.txt and out/, where module's run of 2 steps was stopped by Ctrl-C during its
+    last step: the checkpoint is at step 2, and the message says that training is complete (not "continue")."""
+    if module not in _RUNS:
+        folder = tempfile.mkdtemp()
+        write_tiny_corpus(folder, "data.txt")
+        undo = interrupt_at_step(module, 2)
+        try:
+            status, lines = exit_of(module, [f"--data={folder}/data.txt", f"--out_dir={folder}/out", *TINY, "--steps=2"])
+        finally:
+            undo()
+        checkpoint = f"{folder}/out/{module.CHECKPOINT}"
+        assert status == 130 and lines == [f"{module.SCRIPT}: stopped by SIGINT: saved step 2 to {checkpoint}; "
+                                           f"training is complete"], (module.__name__, status, lines)
+        _RUNS[module] = folder
+    copy = tempfile.mkdtemp()
+    shutil.copytree(_RUNS[module], copy, dirs_exist_ok=True)
+    return copy
+
+
+def rewrite_checkpoint(path, edit):
+    """Load a checkpoint of either framework as {name: array or meta}, apply edit to it, save it back."""
+    if path.endswith(".pt"):
+        checkpoint = torch.load(path, weights_only=True)
+        edit(checkpoint)
+        torch.save(checkpoint, path)
+    else:
+        checkpoint = dict(np.load(path))
+        edit(checkpoint)
+        with open(path, "wb") as f:
+            np.savez(f, **checkpoint)
+
+
+def test_skeleton_ctrl_c_in_the_last_step_leaves_a_finished_run():
+    """Ctrl-C during the last step (or its evaluation): the checkpoint holds the finished run, and the message says
+    so instead of suggesting --resume=true, which would be refused."""
+    for module in SKELETON:
+        folder = tiny_run(module)  # asserts the exit status and the message
+        args = [f"--data={folder}/data.txt", f"--out_dir={folder}/out", *TINY, "--steps=2", "--resume=true"]
+        assert_refused(module, args, "already at step 2", folder)  # as the message said: nothing left to do
+        shutil.rmtree(folder)
+
+
+def test_skeleton_refuses_malformed_data_files():
+    """Token files, their vocabulary and floor files are checked before any work: exit 2, one line naming the
+    problem, nothing written."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ids = np.frombuffer(open(write_tiny_corpus(tmp, "c.txt"), "rb").read(), np.uint8).astype(np.uint16)
+        vocab = json.dumps({"token_bytes": [bytes([i]).hex() for i in range(256)]})
+
+        def token_file(name, array=ids, vocab=vocab, floor=None):
+            """tmp/name.bpe9.npy (array, or raw bytes), its vocabulary .json (None: absent) and floor (if given)."""
+            path = f"{tmp}/{name}.bpe9.npy"
+            with open(path, "wb") as f:
+                f.write(array) if isinstance(array, bytes) else np.save(f, array)
+            for suffix, text in ((".bpe9.json", vocab), (".floor.json", floor)):
+                if text is not None:
+                    open(f"{tmp}/{name}{suffix}", "w").write(text)
+            return path
+
+        cases = [  # (the --data file, a word the message must contain)
+            (token_file("pickled", np.array([{"id": 1}], dtype=object)), "not a .npy array"),
+            (token_file("garbage", b"\x93NUMPY garbage"), "not a .npy array"),
+            (token_file("matrix", ids[:1000].reshape(10, 100)), "1-D integer"),
+            (token_file("floats", ids.astype(np.float32)), "1-D integer"),
+            (token_file("novocab", vocab=None), "novocab.bpe9.json is not the vocabulary"),
+            (token_file("badjson", vocab="{"), "badjson.bpe9.json is not the vocabulary"),
+            (token_file("nolist", vocab="{}"), "nolist.bpe9.json is not the vocabulary"),
+            (token_file("badhex", vocab='{"token_bytes": ["zz"]}'), "badhex.bpe9.json is not the vocabulary"),
+            (token_file("empty", vocab='{"token_bytes": [""]}'), "non-empty"),
+            (token_file("high", np.append(ids, 256)), "outside its vocabulary of 256"),
+            (token_file("negative", np.append(ids.astype(np.int32), -1)), "outside its vocabulary"),
+            (token_file("floor", floor="{"), "floor.floor.json is not a floor file"),
+            (token_file("floorvalue", floor='{"val_bpb": "low"}'), "val_bpb"),
+        ]
+        shutil.copy(f"{tmp}/floor.floor.json", f"{tmp}/c.txt.floor.json")  # a text corpus's floor: malformed too
+        cases.append((f"{tmp}/c.txt", "c.txt.floor.json is not a floor file"))
+        for module in SKELETON:
+            for data, word in cases:
+                assert_refused(module, [f"--data={data}", f"--out_dir={tmp}/out", *TINY], word, tmp)
+        assert not os.path.exists(f"{tmp}/out")
+
+
+def test_skeleton_refuses_bad_checkpoints():
+    """A checkpoint is checked before it is used: damaged, another family's, another model's, a missing,
+    unexpected or reshaped array: exit 2, one line, the checkpoint untouched."""
+    first = lambda c: next(name for name in c if name not in ("meta", "torch_rng"))  # a weight
+    widen = lambda a: a.double() if isinstance(a, torch.Tensor) else a.astype(np.float64)
+    edits = [  # (how the checkpoint file changes, a word the message must contain)
+        (lambda path: open(path, "wb").write(b"not a checkpoint"), "is not a checkpoint"),
+        (lambda path: open(path, "wb").close(), "is not a checkpoint"),
+        (lambda path: open(path, "r+b").truncate(os.path.getsize(path) // 2), "is not a checkpoint"),
+        (lambda path: rewrite_checkpoint(path, lambda c: c.update(meta="{")), "damaged"),
+        (lambda path: rewrite_checkpoint(path, lambda c: c.pop("meta")), "damaged"),
+        (lambda path: rewrite_checkpoint(path, lambda c: c.pop(first(c))), "lacks"),
+        (lambda path: rewrite_checkpoint(path, lambda c: c.update(extra=c[first(c)])), "unexpected array extra"),
+        (lambda path: rewrite_checkpoint(path, lambda c: c.update({first(c): c[first(c)].reshape(-1)[:1]})),
+         "this model's is"),
+        (lambda path: rewrite_checkpoint(path, lambda c: c.update({first(c): widen(c[first(c)])})), "this model's is"),
+    ]
+    twin = {gpt_torch: llama_torch, llama_torch: gpt_torch, gpt_jax: llama_jax, llama_jax: gpt_jax}
+    for module in SKELETON:
+        folder = tiny_run(module)
+        path, args = f"{folder}/out/{module.CHECKPOINT}", [f"--data={folder}/data.txt", f"--out_dir={folder}/out", *TINY]
+        good = open(path, "rb").read()
+        assert_refused(module, args + ["--steps=9", "--resume=true", "--model_dim=32"], "model_dim=16, not 32", folder)
+        assert_refused(module, args + ["--steps=9"], "--resume=true", folder)  # a fresh run never overwrites it
+        shutil.copy(f"{tiny_run(twin[module])}/out/{module.CHECKPOINT}", path)
+        assert_refused(module, args + ["--steps=9", "--resume=true"], f"not a {module.SCRIPT} checkpoint", folder)
+        for edit, word in edits:
+            open(path, "wb").write(good)
+            edit(path)
+            assert_refused(module, args + ["--steps=9", "--resume=true"], word, folder)
+        shutil.rmtree(folder)
+
+
+def test_skeleton_diverged_run_keeps_the_last_good_checkpoint():
+    """A learning rate of 1e30 diverges: the run stops at the first non-finite training loss, evaluation loss or
+    weight norm with exit status 1 and one line, and the checkpoint it resumed from is left as it was."""
+    for module in SKELETON:
+        folder = tiny_run(module)
+        args = [f"--data={folder}/data.txt", f"--out_dir={folder}/out", *TINY, "--resume=true", "--learning_rate=1e30"]
+        assert_refused(module, args + ["--steps=50", "--eval_interval=100"], "at step", folder, status=1)
+        assert_refused(module, args + ["--steps=3"], "at step 3", folder, status=1)  # caught at the save
+        shutil.rmtree(folder)
+
+
+def test_skeleton_out_dir_is_locked_while_a_run_holds_it():
+    """A second run on an out_dir in use is refused with one line; once the first run ends, it is free again."""
+    with tempfile.TemporaryDirectory() as tmp:
+        args = [f"--data={write_tiny_corpus(tmp)}", f"--out_dir={tmp}/out", *TINY]
+        for module in SKELETON:
+            with module.locked_out_dir(module.parse_config(args)):  # the first run
+                assert_refused(module, args, "in use by another run", tmp)
+            with module.locked_out_dir(module.parse_config(args)):
+                pass
+
+
+def test_skeleton_signals_as_a_user_sends_them():
+    """The scripts as a user runs them, side by side: Ctrl-C while the libraries load ends quietly; SIGTERM during
+    training saves a checkpoint and exits 143; Ctrl-C while sampling ends at once with 130 and leaves the checkpoint
+    as it was (meanwhile out_dir is locked against a second run). One line on stderr each, no traceback."""
+    with tempfile.TemporaryDirectory() as tmp:
+        data, scripts = write_tiny_corpus(tmp), [f"{module.__name__}.py" for module in SKELETON]
+
+        def start(script, *args):
+            return subprocess.Popen([sys.executable, script, f"--data={data}", *TINY, *args], cwd=ROOT, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+        def wait_for(process, marker):
+            """Read the process's output up to the first line that starts with marker."""
+            for line in process.stdout:
+                if line.startswith(marker):
+                    return
+            raise AssertionError(f"no line {marker!r}: {process.communicate()[1]}")
+
+        def finish(process):
+            _, stderr = process.communicate(timeout=60)
+            assert "Traceback" not in stderr, stderr
+            return process.returncode, stderr.splitlines()
+
+        loading = [start(script, f"--out_dir={tmp}/loading") for script in scripts]
+        time.sleep(0.5)  # importing torch or jax takes longer than this
+        for process in loading:
+            process.send_signal(signal.SIGINT)
+        for process in loading:  # the default action (the shell reports 130), or main's own line if it had begun
+            status, lines = finish(process)
+            assert status == -signal.SIGINT or (status == 130 and len(lines) == 1), (status, lines)
+        assert not os.path.exists(f"{tmp}/loading")
+
+        training = [start(script, f"--out_dir={tmp}/{script}", "--steps=100000") for script in scripts]
+        steps = []
+        for script, process in zip(scripts, training):
+            wait_for(process, "step ")
+            process.send_signal(signal.SIGTERM)
+            status, lines = finish(process)
+            assert status == 143 and len(lines) == 1 and "stopped by SIGTERM: saved step" in lines[0], (status, lines)
+            steps.append(int(re.search(r"saved step (\d+)", lines[0]).group(1)))
+
+        sampling = [start(script, f"--out_dir={tmp}/{script}", "--resume=true", f"--steps={step + 1}",
+                          "--sample_tokens=1000000") for script, step in zip(scripts, steps)]
+        for module, script, step, process in zip(SKELETON, scripts, steps, sampling):
+            wait_for(process, "sample:")
+            second_run = [f"--data={data}", f"--out_dir={tmp}/{script}", *TINY, "--resume=true", f"--steps={step + 9}"]
+            assert_refused(module, second_run, "in use by another run", f"{tmp}/{script}")
+            before = snapshot(f"{tmp}/{script}")
+            process.send_signal(signal.SIGINT)
+            status, lines = finish(process)
+            assert status == 130 and len(lines) == 1 and "stopped by SIGINT while sampling" in lines[0], (status, lines)
+            assert snapshot(f"{tmp}/{script}") == before
 
 
 # -----------------------------------------------------------------------------

@@ -19,10 +19,12 @@ and a model whose validation loss goes below it has a bug (typically a causal ma
 future leak in).
 
 The floor is written per split, as the model scripts split the data: the last 10% of bytes are
-validation. Each choice's bits count in the split where the choice's text starts.
+validation. Each choice's bits count in the split where the choice's text starts. It goes beside
+the text, to the text file's full name plus ".floor.json" (data/stories.txt.floor.json).
 
-Usage (from the repo root; the defaults reproduce the committed data/stories.txt byte for byte):
-    python data/make_stories.py
+Usage (from the repo root; the defaults reproduce the committed data/stories.txt and
+data/stories.txt.floor.json byte for byte; existing files are replaced only with --overwrite=true):
+    python data/make_stories.py --overwrite=true
     python data/make_stories.py --seed=1 --num_bytes=200000 --out=/tmp/more_stories.txt
 """
 
@@ -32,6 +34,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 
 VAL_FRACTION = 0.1  # the model scripts validate on the last 10% of the corpus
@@ -241,17 +244,51 @@ def floor_report(text, info, seed):
     }
 
 
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def parse_bool(text):
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def check_outputs(paths, overwrite, error):
+    """Before any work, refuse (error(message) exits) an output path that is a folder, that exists
+    unless overwrite is true, or that cannot be written. Nothing is left changed."""
+    for path in paths:
+        if os.path.isdir(path):
+            error(f"{path} is a folder: give a file name")
+        exists = os.path.lexists(path)
+        if exists and not overwrite:
+            error(f"{path} already exists: pass --overwrite=true to replace it")
+        try:  # really try (as root, os.access says yes to everything); "ab" leaves the bytes alone
+            open(path, "ab" if exists else "xb").close()
+            if not exists:
+                os.remove(path)
+        except OSError as e:
+            error(f"cannot write {path}: {e.strerror}")
+
+
 def main():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C ends the run at once, quietly
+
     class Parser(argparse.ArgumentParser):
         def error(self, message):  # one line and exit status 2, no usage block
             print(f"make_stories.py: {message} (see --help)", file=sys.stderr)
             sys.exit(2)
 
-    parser = Parser(description="Generate the story corpus and its entropy floor.")
+    parser = Parser(description="Generate the story corpus and its entropy floor.", allow_abbrev=False)
     parser.add_argument("--seed", type=int, default=0, help="seed of the grammar's choices (default 0)")
     parser.add_argument("--num_bytes", type=int, default=1_000_000, help="corpus size in bytes (default 1000000)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "stories.txt"),
-                        help="output text file; the floor goes beside it as <name>.floor.json")
+                        help="output text file (default data/stories.txt); the floor goes beside it, "
+                             "to its full name plus .floor.json")
+    parser.add_argument("--overwrite", type=parse_bool, default=False,
+                        help="replace the text file and its floor if they exist (default false)")
     args = parser.parse_args()
     if args.seed < 0:
         parser.error(f"--seed must be >= 0, got {args.seed}")
@@ -260,10 +297,11 @@ def main():
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         parser.error(f"--out: folder {out_dir} does not exist")
+    floor_path = args.out + ".floor.json"
+    check_outputs([args.out, floor_path], args.overwrite, parser.error)
 
     text, info = generate(args.seed, args.num_bytes)
     report = floor_report(text, info, args.seed)
-    floor_path = os.path.join(out_dir, os.path.basename(args.out).split(".")[0] + ".floor.json")
     with open(args.out, "w", encoding="utf-8", newline="") as f:
         f.write(text)
     with open(floor_path, "w") as f:
