@@ -696,8 +696,8 @@ def main(argv=None):
         for step in range(start_step, config.steps):
             learning_rate = learning_rate_at(step, config)
             x, y = get_batch(train_tokens, data_rng, config)
-            params, opt_state, loss = train_step(params, opt_state, x, y, learning_rate)  # asynchronous: returns at once
-            loss = float(loss)  # waits for the step
+            params, opt_state, loss = train_step(params, opt_state, x, y, learning_rate)
+            loss = float(loss)  # waits for the step (jax dispatches it asynchronously)
             done = step + 1  # steps completed
             stop_if_diverged(done, config, loss=loss)
             if done % config.log_interval == 0:
@@ -714,7 +714,7 @@ def main(argv=None):
                 print(f"eval step {done:5d} | train {train_loss:.4f} | val {val_loss:.4f} | val bpb {bpb:.3f}"
                       + (f" | floor {floor:.3f}" if floor is not None else ""), flush=True)
             if evaluating or stop_requested:
-                weight_norm = float(optax.global_norm(params))
+                weight_norm = float(jax.jit(optax.global_norm)(params))  # compiled: one call, not one per array
                 stop_if_diverged(done, config, weight_norm=weight_norm)
                 path = save_checkpoint(params, opt_state, done, data_rng, config)
                 timer, timed_from = time.perf_counter(), done  # keep evaluation and saving out of ms/step
