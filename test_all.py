@@ -1101,20 +1101,22 @@ def test_llama_kv_cache_matches_full_forward():
 
 def test_llama_generate_with_and_without_cache():
     """Greedy sampling (top_k=1) picks the same tokens with the cache as by rerunning the whole context; past
-    max_len, the cached path keeps the last half of the context and goes on, as a slow reference built from full
-    forward passes does."""
-    torch_model, jax_model = build_llama_pair({})
-    prompt, max_len = [1, 2, 3, 4], torch_model.max_len
-    reference, start = list(prompt), 0  # start: where the cached context begins
-    for _ in range(3 * max_len):
-        if len(reference) - start > max_len:  # the cache is full: keep the last half
-            start = len(reference) - max_len // 2
-        reference.append(int(torch_logits(torch_model, [reference[start:]])[0, -1].argmax()))
-    for generate in (lambda *args, **kw: llama_torch.generate(torch_model, prompt, *args, 1.0, 1, **kw),
-                     lambda *args, **kw: llama_jax.generate(jax_model, prompt, *args, 1.0, 1, jax.random.key(0), **kw)):
-        recomputed = generate(max_len - len(prompt), use_cache=False)
-        assert recomputed == reference[:max_len]
-        assert generate(3 * max_len, use_cache=True) == reference
+    max_len, the cached path keeps the last half of the context (at least one token: seq_len 1 works too) and
+    goes on, as a slow reference built from full forward passes does."""
+    for seq_len in (1, 16):
+        torch_model, jax_model = build_llama_pair({"seq_len": seq_len})
+        prompt, max_len = [1, 2, 3, 4], torch_model.max_len
+        reference, start = list(prompt), 0  # start: where the cached context begins
+        for _ in range(3 * max_len):
+            if len(reference) - start > max_len:  # the cache is full: keep the last half
+                start = len(reference) - max(1, max_len // 2)
+            reference.append(int(torch_logits(torch_model, [reference[start:]])[0, -1].argmax()))
+        for generate in (lambda *args, **kw: llama_torch.generate(torch_model, prompt, *args, 1.0, 1, **kw),
+                         lambda *args, **kw: llama_jax.generate(jax_model, prompt, *args, 1.0, 1, jax.random.key(0),
+                                                                **kw)):
+            if max_len > len(prompt):
+                assert generate(max_len - len(prompt), use_cache=False) == reference[:max_len]
+            assert generate(3 * max_len, use_cache=True) == reference, seq_len
     torch.manual_seed(0)
     sampled = llama_torch.generate(torch_model, prompt, 20, 1.0, 0)
     assert len(set(sampled[len(prompt):])) > 5  # temperature 1 over all tokens: random weights, varied draws
