@@ -546,6 +546,17 @@ def stop_if_diverged(step, config, **values):
                  f"good checkpoint, if any; try a lower --learning_rate", status=1)
 
 
+def read_losses(unchecked, config):
+    """The training losses not read yet, [(step, loss)], as floats: the first that is not finite stops the run
+    (stop_if_diverged). Empties the list and returns the last loss. Reading a jax loss waits for its step, so the
+    loop reads them only at log lines and before saving, and jax runs ahead in between."""
+    losses = [(step, float(loss)) for step, loss in unchecked]
+    unchecked.clear()
+    for step, loss in losses:
+        stop_if_diverged(step, config, loss=loss)
+    return losses[-1][1]
+
+
 def quit_on_signal(when):
     """Outside the training loop there is nothing to save: Ctrl-C (SIGINT) or SIGTERM ends the script at once with
     one line and exit status 128 + the signal's number (130, 143). os._exit: no exception unwinds through the
@@ -595,21 +606,23 @@ def main(argv=None):
         train_step, eval_loss = make_steps(graphdef, optimizer, dropout_key)
 
         stop_requested = stop_on_signal()  # the current step finishes, then we save and exit
+        unchecked_losses = []  # (step, loss) not read yet: see read_losses
         tokens_per_step = config.batch_size * config.seq_len
         timer, timed_from = time.perf_counter(), start_step
         for step in range(start_step, config.steps):
             learning_rate = learning_rate_at(step, config)
             x, y = get_batch(train_tokens, data_rng, config)
             params, opt_state, loss = train_step(params, opt_state, x, y, learning_rate, step)
-            loss = float(loss)  # waits for the step (jax dispatches it asynchronously)
             done = step + 1  # steps completed
-            stop_if_diverged(done, config, loss=loss)
+            unchecked_losses.append((done, loss))
+            evaluating = done % config.eval_interval == 0 or done == config.steps
+            if done % config.log_interval == 0 or evaluating or stop_requested:
+                loss = read_losses(unchecked_losses, config)
             if done % config.log_interval == 0:
                 ms = (time.perf_counter() - timer) * 1000 / (done - timed_from)
                 print(f"step {done:5d}/{config.steps} | loss {loss:.4f} | lr {learning_rate:.1e} | "
                       f"{ms:.1f} ms/step | {tokens_per_step / ms:.1f}k tok/s", flush=True)
                 timer, timed_from = time.perf_counter(), done
-            evaluating = done % config.eval_interval == 0 or done == config.steps
             if evaluating:
                 train_loss, val_loss = (evaluate(eval_loss, params, split, config)
                                         for split in (train_tokens, val_tokens))
