@@ -396,6 +396,26 @@ def generate(model, prompt, max_new_tokens, temperature, top_k):
 SCRIPT = os.path.basename(__file__)
 
 
+# the options that must be at least 1 (checked first, so model_checks divides by none of them)
+POSITIVE = ("seq_len", "num_layers", "num_heads", "model_dim", "batch_size", "steps", "eval_interval",
+            "eval_steps", "log_interval")
+
+
+def model_checks(config, memory):
+    """(ok, message) for each rule on this model's own options (memory: this machine's, in bytes). The rest of
+    this section is the same in every model script."""
+    return [
+        (config.position_embedding in POSITION_EMBEDDINGS, f"--position_embedding={config.position_embedding} is "
+         f"unknown; choose one of {', '.join(POSITION_EMBEDDINGS)}"),
+        (config.model_dim % config.num_heads == 0,
+         f"--model_dim={config.model_dim} is not divisible by --num_heads={config.num_heads}; pick a multiple"),
+        (0 <= config.dropout < 1, f"--dropout={config.dropout} must be in [0, 1)"),
+        (config.position_embedding != "alibi" or 4 * config.num_heads * config.seq_len**2 < memory,
+         f"ALiBi's (num_heads, seq_len, seq_len) bias table needs more than this machine's memory; use a smaller "
+         f"--seq_len"),
+    ]
+
+
 def fail(message, status=2):
     """One line on stderr that names the problem and what to do, then exit: status 2 for a user's mistake (an
     option, a file), 1 for a run that diverged. No traceback."""
@@ -423,22 +443,11 @@ def parse_config(argv=None):
             parser.add_argument(f"--{field.name}", type=parse_bool if field.type is bool else field.type,
                                 default=field.default, metavar=field.type.__name__, help=comments[field.name])
     config = Config(**vars(parser.parse_args(argv)))
-    positive = ("seq_len", "num_layers", "num_heads", "model_dim", "batch_size", "steps", "eval_interval",
-                "eval_steps", "log_interval")
     for name, value in asdict(config).items():  # first: the checks below then divide by no zero, compare no nan
-        if (name in positive and value < 1) or (type(value) is float and not math.isfinite(value)):
-            fail(f"--{name}={value} must be " + ("at least 1" if name in positive else "a finite number"))
+        if (name in POSITIVE and value < 1) or (type(value) is float and not math.isfinite(value)):
+            fail(f"--{name}={value} must be " + ("at least 1" if name in POSITIVE else "a finite number"))
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # bytes
-    checks = [  # this model's options
-        (config.position_embedding in POSITION_EMBEDDINGS, f"--position_embedding={config.position_embedding} is "
-         f"unknown; choose one of {', '.join(POSITION_EMBEDDINGS)}"),
-        (config.model_dim % config.num_heads == 0,
-         f"--model_dim={config.model_dim} is not divisible by --num_heads={config.num_heads}; pick a multiple"),
-        (0 <= config.dropout < 1, f"--dropout={config.dropout} must be in [0, 1)"),
-        (config.position_embedding != "alibi" or 4 * config.num_heads * config.seq_len**2 < memory,
-         f"ALiBi's (num_heads, seq_len, seq_len) bias table needs more than this machine's memory; use a smaller "
-         f"--seq_len"),
-    ] + [  # the same in every script
+    checks = model_checks(config, memory) + [  # the same in every script
         (0 <= config.warmup_steps <= config.steps,
          f"--warmup_steps={config.warmup_steps} must be between 0 and --steps={config.steps}"),
         (0 <= config.min_learning_rate <= config.learning_rate,

@@ -489,6 +489,32 @@ def generate(model, prompt, max_new_tokens, temperature, top_k, key, use_cache=T
 SCRIPT = os.path.basename(__file__)
 
 
+# the options that must be at least 1 (checked first, so model_checks divides by none of them)
+POSITIVE = ("seq_len", "num_layers", "num_heads", "num_kv_heads", "model_dim", "batch_size", "steps",
+            "eval_interval", "eval_steps", "log_interval")
+
+
+def model_checks(config, memory):
+    """(ok, message) for each rule on this model's own options (memory: this machine's, in bytes). The rest of
+    this section is the same in every model script."""
+    head_dim = config.model_dim // config.num_heads
+    return [
+        (config.model_dim % config.num_heads == 0,
+         f"--model_dim={config.model_dim} is not divisible by --num_heads={config.num_heads}; pick a multiple"),
+        (config.num_heads % config.num_kv_heads == 0,
+         f"--num_heads={config.num_heads} is not divisible by --num_kv_heads={config.num_kv_heads}; pick a divisor"),
+        (head_dim % 2 == 0, f"head_dim = --model_dim / --num_heads = {head_dim} must be even for RoPE's pairs"),
+        (config.ffn_dim >= 0, f"--ffn_dim={config.ffn_dim} must be >= 0 (0 = Llama's rule)"),
+        (config.rope_theta > 1, f"--rope_theta={config.rope_theta} must be > 1"),
+        (config.rope_scaling >= 1, f"--rope_scaling={config.rope_scaling} must be >= 1 (1 = plain RoPE)"),
+        (0 <= config.yarn_alpha < config.yarn_beta,
+         f"--yarn_alpha={config.yarn_alpha} and --yarn_beta={config.yarn_beta} need 0 <= alpha < beta"),
+        (8 * config.rope_scaling * config.seq_len * (config.num_layers * config.num_kv_heads + 1) * head_dim < memory,
+         f"the RoPE tables and KV cache for rope_scaling * seq_len positions need more than this machine's memory; "
+         f"use a smaller --rope_scaling or --seq_len"),
+    ]
+
+
 def fail(message, status=2):
     """One line on stderr that names the problem and what to do, then exit: status 2 for a user's mistake (an
     option, a file), 1 for a run that diverged. No traceback."""
@@ -516,28 +542,11 @@ def parse_config(argv=None):
             parser.add_argument(f"--{field.name}", type=parse_bool if field.type is bool else field.type,
                                 default=field.default, metavar=field.type.__name__, help=comments[field.name])
     config = Config(**vars(parser.parse_args(argv)))
-    positive = ("seq_len", "num_layers", "num_heads", "num_kv_heads", "model_dim", "batch_size", "steps",
-                "eval_interval", "eval_steps", "log_interval")
     for name, value in asdict(config).items():  # first: the checks below then divide by no zero, compare no nan
-        if (name in positive and value < 1) or (type(value) is float and not math.isfinite(value)):
-            fail(f"--{name}={value} must be " + ("at least 1" if name in positive else "a finite number"))
+        if (name in POSITIVE and value < 1) or (type(value) is float and not math.isfinite(value)):
+            fail(f"--{name}={value} must be " + ("at least 1" if name in POSITIVE else "a finite number"))
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # bytes
-    head_dim = config.model_dim // config.num_heads
-    checks = [  # this model's options
-        (config.model_dim % config.num_heads == 0,
-         f"--model_dim={config.model_dim} is not divisible by --num_heads={config.num_heads}; pick a multiple"),
-        (config.num_heads % config.num_kv_heads == 0,
-         f"--num_heads={config.num_heads} is not divisible by --num_kv_heads={config.num_kv_heads}; pick a divisor"),
-        (head_dim % 2 == 0, f"head_dim = --model_dim / --num_heads = {head_dim} must be even for RoPE's pairs"),
-        (config.ffn_dim >= 0, f"--ffn_dim={config.ffn_dim} must be >= 0 (0 = Llama's rule)"),
-        (config.rope_theta > 1, f"--rope_theta={config.rope_theta} must be > 1"),
-        (config.rope_scaling >= 1, f"--rope_scaling={config.rope_scaling} must be >= 1 (1 = plain RoPE)"),
-        (0 <= config.yarn_alpha < config.yarn_beta,
-         f"--yarn_alpha={config.yarn_alpha} and --yarn_beta={config.yarn_beta} need 0 <= alpha < beta"),
-        (8 * config.rope_scaling * config.seq_len * (config.num_layers * config.num_kv_heads + 1) * head_dim < memory,
-         f"the RoPE tables and KV cache for rope_scaling * seq_len positions need more than this machine's memory; "
-         f"use a smaller --rope_scaling or --seq_len"),
-    ] + [  # the same in every script
+    checks = model_checks(config, memory) + [  # the same in every script
         (0 <= config.warmup_steps <= config.steps,
          f"--warmup_steps={config.warmup_steps} must be between 0 and --steps={config.steps}"),
         (0 <= config.min_learning_rate <= config.learning_rate,
