@@ -314,6 +314,7 @@ def train(text, vocab_size, special_tokens=()):
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         # The project's rule for a user's mistake: one line on stderr, exit status 2, no usage block.
+        message = message.replace("\n", "\\n").replace("\r", "\\r")  # one line, even for a path with a line break
         self.exit(2, f"bpe.py: error: {message} (see --help)\n")
 
 

@@ -20,6 +20,11 @@ RoPE pairing dimension i with i + head_dim/2 as Hugging Face does; see apply_rop
 diff me against llama_torch.py: the same program in PyTorch, line by line.
 """
 
+import signal
+
+if __name__ == "__main__":  # Ctrl-C while the libraries below load (seconds): end at once, no traceback
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 import argparse
 import contextlib
 import fcntl
@@ -29,15 +34,11 @@ import json
 import math
 import os
 import re
-import signal
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from functools import partial
-
-if __name__ == "__main__":  # Ctrl-C while the libraries below load (seconds): end at once, no traceback
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import jax
 import jax.numpy as jnp
@@ -324,7 +325,7 @@ def load_data(config):
     floor = None
     if os.path.isfile(corpus + ".floor.json"):
         floor = read_file(corpus + ".floor.json", lambda f: json.load(f)["val_bpb"], "a floor file")
-        if not (isinstance(floor, (int, float)) and 0 <= floor < math.inf):
+        if type(floor) not in (int, float) or not 0 <= floor <= 8:  # a byte holds at most 8 bits
             fail(f"{corpus}.floor.json: val_bpb is {floor!r}, not a number of bits per byte; remove or regenerate it")
     return train_tokens, val_tokens, token_bytes, floor
 
@@ -487,6 +488,7 @@ def generate(model, prompt, max_new_tokens, temperature, top_k, key, use_cache=T
 # The options, and the rules that keep a user's work safe: these helpers are the same in every model script.
 
 SCRIPT = os.path.basename(__file__)
+MEMORY = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # this machine's, in bytes
 
 
 # the options that must be at least 1 (checked first, so model_checks divides by none of them)
@@ -494,9 +496,9 @@ POSITIVE = ("seq_len", "num_layers", "num_heads", "num_kv_heads", "model_dim", "
             "eval_interval", "eval_steps", "log_interval")
 
 
-def model_checks(config, memory):
-    """(ok, message) for each rule on this model's own options (memory: this machine's, in bytes). The rest of
-    this section is the same in every model script."""
+def model_checks(config):
+    """(ok, message) for each rule on this model's own options. The rest of this section is the same in every
+    model script."""
     head_dim = config.model_dim // config.num_heads
     return [
         (config.model_dim % config.num_heads == 0,
@@ -505,20 +507,27 @@ def model_checks(config, memory):
          f"--num_heads={config.num_heads} is not divisible by --num_kv_heads={config.num_kv_heads}; pick a divisor"),
         (head_dim % 2 == 0, f"head_dim = --model_dim / --num_heads = {head_dim} must be even for RoPE's pairs"),
         (config.ffn_dim >= 0, f"--ffn_dim={config.ffn_dim} must be >= 0 (0 = Llama's rule)"),
+        (48 * config.num_layers * config.model_dim * config.ffn_dim < MEMORY,  # 3 matrices, 16 bytes a weight
+         f"--ffn_dim={config.ffn_dim} needs more than this machine's memory; use a smaller one"),
         (config.rope_theta > 1, f"--rope_theta={config.rope_theta} must be > 1"),
         (config.rope_scaling >= 1, f"--rope_scaling={config.rope_scaling} must be >= 1 (1 = plain RoPE)"),
         (0 <= config.yarn_alpha < config.yarn_beta,
          f"--yarn_alpha={config.yarn_alpha} and --yarn_beta={config.yarn_beta} need 0 <= alpha < beta"),
-        (8 * config.rope_scaling * config.seq_len * (config.num_layers * config.num_kv_heads + 1) * head_dim < memory,
+        (8 * config.rope_scaling * config.seq_len * (config.num_layers * config.num_kv_heads + 1) * head_dim < MEMORY,
          f"the RoPE tables and KV cache for rope_scaling * seq_len positions need more than this machine's memory; "
          f"use a smaller --rope_scaling or --seq_len"),
     ]
 
 
+def tell(message):
+    """One line on stderr, after the script's name (a line break in a path is shown as \\n)."""
+    print(f"{SCRIPT}: {message}".replace("\n", "\\n").replace("\r", "\\r"), file=sys.stderr, flush=True)
+
+
 def fail(message, status=2):
     """One line on stderr that names the problem and what to do, then exit: status 2 for a user's mistake (an
     option, a file), 1 for a run that diverged. No traceback."""
-    print(f"{SCRIPT}: error: {message}", file=sys.stderr)
+    tell(f"error: {message}")
     sys.exit(status)
 
 
@@ -543,10 +552,13 @@ def parse_config(argv=None):
                                 default=field.default, metavar=field.type.__name__, help=comments[field.name])
     config = Config(**vars(parser.parse_args(argv)))
     for name, value in asdict(config).items():  # first: the checks below then divide by no zero, compare no nan
-        if (name in POSITIVE and value < 1) or (type(value) is float and not math.isfinite(value)):
-            fail(f"--{name}={value} must be " + ("at least 1" if name in POSITIVE else "a finite number"))
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # bytes
-    checks = model_checks(config, memory) + [  # the same in every script
+        if name in POSITIVE and value < 1:
+            fail(f"--{name}={value} must be at least 1")
+        if type(value) is int and not -2**63 <= value < 2**63:
+            fail(f"--{name}={value} is too large")
+        if type(value) is float and not abs(value) <= 3.4e38:  # also false for nan
+            fail(f"--{name}={value} must be a finite number within float32's range (3.4e38)")
+    checks = model_checks(config) + [  # the same in every script
         (0 <= config.warmup_steps <= config.steps,
          f"--warmup_steps={config.warmup_steps} must be between 0 and --steps={config.steps}"),
         (0 <= config.min_learning_rate <= config.learning_rate,
@@ -556,8 +568,6 @@ def parse_config(argv=None):
         (1e-6 <= config.temperature <= 1e6 and config.top_k >= 0 and config.sample_tokens >= 0,
          "--temperature must be in [1e-6, 1e6], --top_k and --sample_tokens >= 0"),
         (0 <= config.seed < 2**32, f"--seed={config.seed} must be in [0, 2**32)"),
-        (memory_needed(config) < memory, f"training this model needs at least {memory_needed(config) / 2**30:.1f} GiB "
-         f"of memory, this machine has {memory / 2**30:.1f}; use a smaller --batch_size, --seq_len or --model_dim"),
         (os.path.isfile(config.data), f"data file {config.data} not found; pass --data=PATH (a text file or a .npy)"),
         (os.path.isfile(os.path.join(config.out_dir, CHECKPOINT)) or not config.resume,
          f"--resume=true but there is no checkpoint {os.path.join(config.out_dir, CHECKPOINT)}; drop --resume or "
@@ -569,15 +579,18 @@ def parse_config(argv=None):
     return config
 
 
-def memory_needed(config):
-    """A lower bound on training's memory in bytes, to refuse sizes that cannot fit before any work: every block
-    holds at least two model_dim x model_dim matrices, a weight costs 16 bytes with its gradient and AdamW's two
-    moments, and backward keeps at least the logits, their gradient, 4 vectors per token and block, and one
-    block's attention scores (jax materialises them; torch's fused kernel may not, but the twins refuse alike)."""
+def check_memory(config):
+    """Refuse (exit 2) sizes whose training cannot fit in this machine's memory, before any work. A lower bound:
+    every block holds at least two model_dim x model_dim matrices, a weight costs 16 bytes with its gradient and
+    AdamW's two moments, and backward keeps at least the logits, their gradient, 4 vectors per token and block, and
+    one block's attention scores (jax materialises them; torch's fused kernel may not, but the twins refuse alike)."""
     weights = config.vocab_size * config.model_dim + 2 * config.num_layers * config.model_dim**2
     tokens = config.batch_size * config.seq_len
     scores = tokens * config.num_heads * config.seq_len
-    return 16 * weights + 4 * tokens * (2 * config.vocab_size + 4 * config.num_layers * config.model_dim) + 4 * scores
+    needed = 16 * weights + 4 * tokens * (2 * config.vocab_size + 4 * config.num_layers * config.model_dim + scores)
+    if needed >= MEMORY:
+        fail(f"training this model needs at least {needed / 2**30:.1f} GiB of memory, this machine has "
+             f"{MEMORY / 2**30:.1f}; use a smaller --batch_size, --seq_len, --model_dim or --num_layers")
 
 
 def read_file(path, read, what):
@@ -594,15 +607,17 @@ def check_meta(path, checkpoint, config):
     """Parse a checkpoint's meta (step, data RNG state, config) in place. Refuses (exit 2) a damaged checkpoint or
     another script's, one of a different model, and one already at --steps."""
     try:
-        meta = checkpoint["meta"] = json.loads(str(checkpoint["meta"]))  # str: npz keeps it as a 0-d array
+        meta = json.loads(str(checkpoint["meta"])) if isinstance(checkpoint, dict) else None  # npz: a 0-d array
         np.random.default_rng().bit_generator.state = meta["data_rng"]  # raises for anything but a generator's state
-        ours = set(meta["config"]) == {field.name for field in fields(Config)} and type(meta["step"]) is int
-    except (TypeError, KeyError, IndexError, ValueError):  # not a dict, a key missing, not JSON, not a state
+        ours = (isinstance(meta["config"], dict) and set(meta["config"]) == {field.name for field in fields(Config)}
+                and type(meta["step"]) is int and meta["step"] >= 0)
+    except (TypeError, KeyError, IndexError, ValueError, OverflowError):  # no dict, no key, not JSON, no state
         ours = False
     if not ours:
         fail(f"{path} is damaged or not a {SCRIPT} checkpoint; choose another --out_dir")
-    for name in MODEL_FIELDS:
-        if meta["config"][name] != getattr(config, name):
+    checkpoint["meta"] = meta
+    for name in MODEL_FIELDS:  # the same type too: 16.0 or true is not the 16 or 1 of an option
+        if (type(meta["config"][name]), meta["config"][name]) != (type(getattr(config, name)), getattr(config, name)):
             fail(f"{path} holds a model with {name}={meta['config'][name]}, not {getattr(config, name)}; "
                  f"pass the same model options or choose another --out_dir")
     if meta["step"] >= config.steps:
@@ -668,7 +683,7 @@ def quit_on_signal(when):
     one line and exit status 128 + the signal's number (130, 143). os._exit: no exception unwinds through the
     framework's internals, and no shutdown waits on its threads."""
     def handler(signum, frame):
-        print(f"{SCRIPT}: stopped by {signal.Signals(signum).name} {when}", file=sys.stderr, flush=True)
+        tell(f"stopped by {signal.Signals(signum).name} {when}")
         sys.stdout.flush()
         os._exit(128 + signum)
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -689,6 +704,7 @@ def main(argv=None):
     config = parse_config(argv)
     train_tokens, val_tokens, token_bytes, floor = load_data(config)
     config.vocab_size = len(token_bytes)
+    check_memory(config)  # now that vocab_size is known
     with locked_out_dir(config):  # until main ends
         checkpoint = open_checkpoint(config)
         init_key, sample_key = jax.random.split(jax.random.key(config.seed))
@@ -744,8 +760,7 @@ def main(argv=None):
                 timer, timed_from = time.perf_counter(), done  # keep evaluation and saving out of ms/step
             if stop_requested:
                 then = "continue with --resume=true" if done < config.steps else "training is complete"
-                print(f"{SCRIPT}: stopped by {signal.Signals(stop_requested[0]).name}: saved step {done} to {path}; "
-                      f"{then}", file=sys.stderr)
+                tell(f"stopped by {signal.Signals(stop_requested[0]).name}: saved step {done} to {path}; {then}")
                 sys.exit(128 + stop_requested[0])
 
         quit_on_signal(f"while sampling; {path} holds the trained model")

@@ -278,6 +278,7 @@ def main():
 
     class Parser(argparse.ArgumentParser):
         def error(self, message):  # one line and exit status 2, no usage block
+            message = message.replace("\n", "\\n").replace("\r", "\\r")  # one line, even for a path with a break
             print(f"make_stories.py: {message} (see --help)", file=sys.stderr)
             sys.exit(2)
 
