@@ -1247,10 +1247,12 @@ def tiny_run(module):
     last step: the checkpoint is at step 2, and the message says that training is complete (not "continue")."""
     if module not in _RUNS:
         folder = tempfile.mkdtemp()
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
         write_tiny_corpus(folder, "data.txt")
         undo = interrupt_at_step(module, 2, signal.SIGTERM)
         try:
-            status, lines = exit_of(module, [f"--data={folder}/data.txt", f"--out_dir={folder}/out", *TINY, "--steps=2"])
+            status, lines = exit_of(module, [f"--data={folder}/data.txt", f"--out_dir={folder}/out", *TINY,
+                                             "--steps=2"])
         finally:
             undo()
         checkpoint = f"{folder}/out/{module.CHECKPOINT}"
@@ -1362,7 +1364,8 @@ def test_skeleton_refuses_bad_checkpoints():
     twin = {gpt_torch: llama_torch, llama_torch: gpt_torch, gpt_jax: llama_jax, llama_jax: gpt_jax}
     for module in SKELETON:
         folder = tiny_run(module)
-        path, args = f"{folder}/out/{module.CHECKPOINT}", [f"--data={folder}/data.txt", f"--out_dir={folder}/out", *TINY]
+        path = f"{folder}/out/{module.CHECKPOINT}"
+        args = [f"--data={folder}/data.txt", f"--out_dir={folder}/out", *TINY]
         good = open(path, "rb").read()
         assert_refused(module, args + ["--steps=9", "--resume=true", "--model_dim=64"], "model_dim=32, not 64", folder)
         assert_refused(module, args + ["--steps=9"], "--resume=true", folder)  # a fresh run never overwrites it
@@ -1427,7 +1430,7 @@ def test_skeleton_signals_as_a_user_sends_them():
         loading = [start(script, f"--out_dir={tmp}/loading") for script in scripts]
         sampling = [start(script, f"--out_dir={tmp}/{script}", "--steps=1", "--sample_tokens=1000000")
                     for script in scripts]
-        time.sleep(0.5)  # importing torch or jax takes longer than this
+        time.sleep(1.0)  # past the interpreter's start-up, still importing torch or jax (8 processes share 2 cores)
         for process in loading:
             process.send_signal(signal.SIGINT)
         for process in loading:  # the default action (the shell reports 130), or main's own line if it had begun
