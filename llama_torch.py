@@ -409,7 +409,7 @@ def save_checkpoint(model, optimizer, step, data_rng, config):
     old one, so an interruption never leaves a broken checkpoint."""
     path = os.path.join(config.out_dir, CHECKPOINT)
     meta = json.dumps({"step": step, "data_rng": data_rng.bit_generator.state, "config": asdict(config)})
-    torch_rng = torch.get_rng_state()  # torch's random state (dropout draws from it): resuming continues it
+    torch_rng = torch.get_rng_state()  # torch's global random state (dropout, sampling): resuming continues it
     torch.save({"meta": meta, "torch_rng": torch_rng, **checkpoint_arrays(model, optimizer)}, path + ".tmp")
     os.replace(path + ".tmp", path)
     return path
