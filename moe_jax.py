@@ -1,0 +1,935 @@
+"""A mixture of experts in JAX, in one file: Mixtral's sparse decoder-only transformer, trained to predict the next byte/token.
+
+A Llama (RMSNorm, RoPE, grouped-query attention, KV cache: llama_jax.py's, written out again here) whose
+feed-forward network is a sparse mixture of experts:
+  - a router scores every expert for each token, the top experts_per_token of them run on it, and the layer's
+    output is their sum weighted by the router's probabilities (Shazeer et al. 2017, "Outrageously Large Neural
+    Networks"; Mixtral: Jiang et al. 2024, "Mixtral of Experts")
+  - every expert is a SwiGLU network; optionally shared experts run on every token (DeepSeekMoE: Dai et al. 2024),
+    in Qwen2-MoE's form: one wider SwiGLU whose output a learned sigmoid gate scales
+  - dropless dispatch: the (token, expert) assignments are sorted by expert and each expert runs once on its
+    contiguous slice, so no token is dropped and only the routed work is computed (MegaBlocks: Gale et al. 2023)
+  - load balancing, so that the router does not send every token to the same few experts: the Switch
+    Transformer's auxiliary loss (Fedus et al. 2022) with the router z-loss (ST-MoE: Zoph et al. 2022), or
+    DeepSeek-V3's auxiliary-loss-free per-expert bias (Wang et al. 2024, "Auxiliary-Loss-Free Load Balancing")
+With the same weights it computes the same logits as Hugging Face's Mixtral (router softmax in float32, then the
+top-k renormalised); its layer with shared experts and normalize_top_k=false is Qwen2-MoE's sparse MoE block.
+
+    python moe_jax.py                                                  # 8 experts, 2 per token: train, sample
+    python moe_jax.py --num_shared_experts=1 --normalize_top_k=false   # Qwen2-MoE's layer
+    python moe_jax.py --balance=bias                                   # DeepSeek-V3's balancing, no extra loss
+
+diff me against moe_torch.py: the same program in PyTorch, line by line; against llama_jax.py, to see the experts.
+"""
+
+import signal
+
+if __name__ == "__main__":  # Ctrl-C while the libraries below load (seconds): end at once, no traceback
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+import argparse
+import contextlib
+import fcntl
+import functools
+import inspect
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.tree_util import keystr
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class Config:
+    data: str = "data/stories.txt"  # a UTF-8 text file (bytes are tokens) or a bpe.py .npy token file
+    seed: int = 1337  # seeds the weights, the batches and sampling
+    vocab_size: int = 256  # set from the data at start (256 for bytes); not a command-line option
+    seq_len: int = 128  # tokens per training sequence; also YaRN's original context length
+    num_layers: int = 4  # number of transformer blocks
+    num_heads: int = 4  # query heads per block; head_dim = model_dim // num_heads
+    num_kv_heads: int = 2  # key/value heads (grouped-query attention): 1 = multi-query, num_heads = multi-head
+    model_dim: int = 128  # width of the residual stream
+    num_experts: int = 8  # routed experts per block
+    experts_per_token: int = 2  # experts the router picks for each token (its top k)
+    num_shared_experts: int = 0  # experts every token passes (DeepSeekMoE, Qwen2-MoE); 0 = Mixtral
+    expert_ffn_dim: int = 176  # each expert's SwiGLU hidden width; 2 per token x 176 = the dense llama's 352
+    normalize_top_k: bool = True  # rescale the chosen experts' weights to sum to 1 (Mixtral); false: Qwen2-MoE
+    balance: str = "aux_loss"  # load balancing: aux_loss (Switch Transformer) or bias (DeepSeek-V3, no loss)
+    aux_loss_weight: float = 0.01  # weight of the load-balancing loss in the objective (only with balance=aux_loss)
+    z_loss_weight: float = 1e-3  # weight of the router z-loss (ST-MoE), which keeps the router's logits small
+    bias_update_rate: float = 1e-3  # balance=bias: each step moves every expert's bias this much toward even load
+    rope_theta: float = 10000.0  # RoPE base: dimension pair i turns by rope_theta**(-2i/head_dim) radians per position
+    rope_scaling: float = 1.0  # YaRN factor s: the context may grow to s * seq_len tokens (1 = plain RoPE)
+    yarn_alpha: float = 1.0  # YaRN ramp: pairs turning fewer than alpha times in seq_len are interpolated (divided by s)
+    yarn_beta: float = 32.0  # YaRN ramp: pairs turning more than beta times in seq_len are left unchanged
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys before RoPE (Qwen3, OLMo 2)
+    tie_embeddings: bool = False  # read logits through the token embedding (GPT-2) instead of a separate lm_head
+    batch_size: int = 8  # sequences per training step
+    steps: int = 1500  # optimizer steps in total
+    learning_rate: float = 2e-3  # peak learning rate, reached after warmup
+    min_learning_rate: float = 1e-4  # learning rate at the end of the cosine decay
+    warmup_steps: int = 100  # steps of linear warmup from 0 to learning_rate
+    weight_decay: float = 0.1  # AdamW decoupled weight decay, on weight matrices and embeddings only
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    grad_clip: float = 1.0  # clip the global gradient norm to this
+    eval_interval: int = 500  # evaluate and save a checkpoint every this many steps (and at the end)
+    eval_steps: int = 20  # batches per evaluation of each split
+    log_interval: int = 100  # print the training loss every this many steps
+    out_dir: str = "out/moe_jax"  # where the checkpoint lives
+    resume: bool = False  # continue from the checkpoint in out_dir
+    sample_tokens: int = 300  # tokens to generate; past rope_scaling * seq_len of context, the oldest half is cropped
+    temperature: float = 0.8  # sampling temperature (lower = more conservative)
+    top_k: int = 40  # sample only among the top_k most likely tokens (0 = all)
+
+
+# the options that fix the weights' meaning; rope_scaling and the YaRN ramp may change on --resume, which is
+# YaRN's use, and so may the balancing options (the expert biases are saved either way)
+MODEL_FIELDS = ("vocab_size", "seq_len", "num_layers", "num_heads", "num_kv_heads", "model_dim", "num_experts",
+                "experts_per_token", "num_shared_experts", "expert_ffn_dim", "normalize_top_k", "rope_theta", "qk_norm",
+                "tie_embeddings")
+CHECKPOINT = "ckpt.npz"  # the file in out_dir
+
+
+# -----------------------------------------------------------------------------
+# Model
+
+
+normal = nnx.initializers.normal  # N(0, 0.02) weights (GPT-2, kept by Llama); RMSNorm weights start at 1
+
+
+def residual_std(config):
+    """GPT-2 init, kept by Llama: the two projections that write into the residual stream get 0.02 / sqrt(2 *
+    num_layers), so the stream's variance does not grow with depth."""
+    return 0.02 / math.sqrt(2 * config.num_layers)
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * weight (Zhang & Sennrich 2019): LayerNorm without the mean subtraction and the bias, cheaper and
+    as good. Computed in float32 whatever the input dtype, as Meta's reference does, because the mean of squares
+    is where low precision hurts."""
+
+    def __init__(self, dim, eps=1e-5):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones(dim))
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32**2, axis=-1, keepdims=True) + self.eps)  # (..., dim), rms 1 per vector
+        return x32.astype(x.dtype) * self.weight[...]
+
+
+def rope_frequencies(config):
+    """RoPE's angular frequencies, one per dimension pair: theta_i = rope_theta**(-2i/head_dim) radians per position,
+    and YaRN's attention factor. With rope_scaling s > 1, YaRN (Peng et al. 2023, section 3.2, "NTK-by-parts")
+    looks at r_i = seq_len / wavelength_i, the turns pair i makes over the trained context: pairs with r > beta
+    turned many times during training and already saw every angle, so they stay; pairs with r < alpha never
+    completed a turn, so they are interpolated (theta / s keeps every angle inside the trained range); a linear
+    ramp gamma blends in between. Section 3.4: softmax temperature sqrt(1/t) = 0.1 ln(s) + 1 on queries and keys."""
+    head_dim = config.model_dim // config.num_heads
+    theta = config.rope_theta ** (-np.arange(0, head_dim, 2) / head_dim)  # (head_dim // 2,) radians per position
+    if config.rope_scaling == 1:
+        return theta, 1.0  # plain RoPE, bit for bit: the ramp below would round
+    turns = config.seq_len / (2 * math.pi / theta)  # (head_dim // 2,) r_i = seq_len / wavelength_i
+    gamma = np.clip((turns - config.yarn_alpha) / (config.yarn_beta - config.yarn_alpha), 0, 1)
+    theta = (1 - gamma) * theta / config.rope_scaling + gamma * theta  # (head_dim // 2,) h(theta_i), eq. 20
+    return theta, 0.1 * math.log(config.rope_scaling) + 1
+
+
+def rope_tables(config, max_len):
+    """cos and sin of position * theta_i for positions 0 .. max_len - 1, each pair's angle written at i and at
+    i + head_dim/2 (the split-halves pairing of apply_rope), times YaRN's attention factor (1 for plain RoPE).
+    Computed once in float64 with numpy, stored in float32: both twins get the very same tables."""
+    theta, attention_factor = rope_frequencies(config)
+    angle = np.arange(max_len)[:, None] * theta[None, :]  # (max_len, head_dim // 2)
+    angle = np.concatenate([angle, angle], axis=-1)  # (max_len, head_dim)
+    return ((np.cos(angle) * attention_factor).astype(np.float32),
+            (np.sin(angle) * attention_factor).astype(np.float32))
+
+
+def apply_rope(x, cos, sin):
+    """Rotary position embedding (Su et al. 2021, eq. 34): rotate each dimension pair by position * theta_i, so that
+    query . key depends on the positions only through their difference. Pairs are split halves, (x_i, x_{i+head_dim/2}),
+    as in Hugging Face's "rotate_half". Meta's reference pairs neighbours (x_2i, x_2i+1): the same model with the
+    rows of the query and key projections permuted (Hugging Face permutes them when it converts Meta's weights)."""
+    first, second = jnp.split(x, 2, axis=-1)  # 2 x (batch_size, heads, seq_len, head_dim // 2)
+    rotated = jnp.concatenate([-second, first], axis=-1)  # (batch_size, heads, seq_len, head_dim)
+    return x * cos + rotated * sin  # (x_i, x_j) -> (x_i cos - x_j sin, x_j cos + x_i sin)
+
+
+class Attention(nnx.Module):
+    """Causal grouped-query self-attention (Ainslie et al. 2023): num_heads query heads share num_kv_heads key/value
+    heads, query head h reading kv head h // (num_heads // num_kv_heads). The cache, which sampling keeps, shrinks by
+    that ratio. out = softmax(query @ key^T * head_dim**-0.5 + mask) @ value, mask = 0 where key j <= query i, else
+    -inf; written out below (XLA fuses it)."""
+
+    def __init__(self, config, rngs):
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.head_dim = config.model_dim // config.num_heads
+        linear = partial(nnx.Linear, use_bias=False, kernel_init=normal(0.02), rngs=rngs)
+        self.query = linear(config.model_dim, config.num_heads * self.head_dim)
+        self.key = linear(config.model_dim, config.num_kv_heads * self.head_dim)
+        self.value = linear(config.model_dim, config.num_kv_heads * self.head_dim)
+        self.out_proj = linear(config.num_heads * self.head_dim, config.model_dim,
+                               kernel_init=normal(residual_std(config)))  # writes into the residual stream
+        # QK-norm: bounds the attention logits, which otherwise can grow until training diverges
+        self.query_norm = RMSNorm(self.head_dim) if config.qk_norm else None
+        self.key_norm = RMSNorm(self.head_dim) if config.qk_norm else None
+
+    def __call__(self, x, cos, sin, mask, cache, position):
+        batch_size, seq_len, model_dim = x.shape
+        # XLA on CPU turns the weight gradient of a matmul over (batch_size, seq_len, ...) into a transposed copy
+        # plus a matmul; over (batch_size * seq_len, ...) it is one matmul (faster training, here and in SwiGLU)
+        x = x.reshape(batch_size * seq_len, model_dim)
+        query = self.query(x).reshape(batch_size, seq_len, self.num_heads, self.head_dim)
+        key = self.key(x).reshape(batch_size, seq_len, self.num_kv_heads, self.head_dim)
+        value = self.value(x).reshape(batch_size, seq_len, self.num_kv_heads, self.head_dim)
+        if self.query_norm is not None:  # over head_dim, for each head: before RoPE, which keeps the norm
+            query, key = self.query_norm(query), self.key_norm(key)
+        query, key, value = (t.swapaxes(1, 2) for t in (query, key, value))  # (batch_size, heads, seq_len, head_dim)
+        query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
+        if cache is not None:  # write these positions' keys and values, then attend over all max_len slots (masked)
+            cache[0] = jax.lax.dynamic_update_slice(cache[0], key, (0, 0, position, 0))  # (.., max_len, head_dim)
+            cache[1] = jax.lax.dynamic_update_slice(cache[1], value, (0, 0, position, 0))
+            key, value = cache[0], cache[1]  # jax arrays are immutable: the list now holds the updated ones
+        # query head h reads kv head h // group: view the query heads as (num_kv_heads, group), so the heads that
+        # share a kv head sit together and read it in one einsum (b batch, k kv head, g head in its group, q query,
+        # s key, d head_dim), without copying the keys and values group times as jnp.repeat would
+        group = self.num_heads // self.num_kv_heads
+        query = query.reshape(batch_size, self.num_kv_heads, group, seq_len, self.head_dim)
+        scores = jnp.einsum("bkgqd,bksd->bkgqs", query, key) * self.head_dim**-0.5  # (.., group, seq_len, num_keys)
+        scores = jnp.where(mask, scores, -jnp.inf)  # (seq_len, num_keys) mask broadcasts over batch and heads
+        out = jnp.einsum("bkgqs,bksd->bkgqd", jax.nn.softmax(scores, axis=-1), value)  # (.., group, seq_len, head_dim)
+        out = out.reshape(batch_size, self.num_heads, seq_len, self.head_dim).swapaxes(1, 2)
+        out = self.out_proj(out.reshape(batch_size * seq_len, model_dim))  # (batch_size * seq_len, model_dim)
+        return out.reshape(batch_size, seq_len, model_dim)
+
+
+class SwiGLU(nnx.Module):
+    """Gated feed-forward network (Shazeer 2020): down(silu(gate(x)) * up(x)). The gate decides, per hidden unit
+    and token, how much of up(x) passes. Here it is the shared experts; Experts below holds num_experts of them."""
+
+    def __init__(self, model_dim, ffn_dim, config, rngs):
+        linear = partial(nnx.Linear, use_bias=False, kernel_init=normal(0.02), rngs=rngs)
+        self.gate = linear(model_dim, ffn_dim)
+        self.up = linear(model_dim, ffn_dim)
+        self.down = linear(ffn_dim, model_dim, kernel_init=normal(residual_std(config)))
+
+    def __call__(self, x):
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))  # (tokens, model_dim)
+
+
+class Experts(nnx.Module):
+    """num_experts SwiGLU networks, their weights stacked along a first axis as (in, out) matrices: expert e is
+    down[e](silu(gate[e](x)) * up[e](x)). Stacked, the jax twin can pick an expert with an index computed under jit."""
+
+    def __init__(self, config, rngs):
+        shape = (config.num_experts, config.model_dim, config.expert_ffn_dim)
+        self.gate = nnx.Param(normal(0.02)(rngs.params(), shape))
+        self.up = nnx.Param(normal(0.02)(rngs.params(), shape))
+        self.down = nnx.Param(normal(residual_std(config))(
+            rngs.params(), (config.num_experts, config.expert_ffn_dim, config.model_dim)))  # writes into the residual stream
+
+    def __call__(self, rows, experts):
+        """Expert experts[i] on the rows rows[i] (count_i, model_dim), for every i: the list of their outputs."""
+        # each expert's matrices, gate[e] and so on; e may be computed under jit (a dynamic slice)
+        gate, up, down = self.gate[...], self.up[...], self.down[...]
+        return [(jax.nn.silu(x @ gate[e]) * (x @ up[e])) @ down[e] for x, e in zip(rows, experts)]  # (count_i, model_dim)
+
+
+def balance_stats(logits, probs, chosen, num_experts):
+    """One layer's expert load (how many assignments each expert received) and its two balancing losses:
+      - the Switch Transformer's auxiliary loss (Fedus et al. 2022, eq. 4): num_experts * sum_i f_i * P_i, with f_i
+        the fraction of the (token, slot) assignments routed to expert i and P_i expert i's mean router probability.
+        f_i is counted, so the gradient flows through P_i: it lowers the probability of the busiest experts. Under
+        perfectly uniform routing (f_i = P_i = 1 / num_experts) its value is 1, and whenever P is uniform; it grows
+        toward num_experts as routing collapses onto one expert.
+      - the router z-loss (Zoph et al. 2022, ST-MoE, eq. 5): the mean over tokens of logsumexp(logits)^2. It keeps
+        the router's logits small, where the softmax is stable and stays sensitive to them."""
+    load = jnp.bincount(chosen.reshape(-1), length=num_experts)  # (num_experts,) assignments per expert
+    fraction = load / chosen.size  # f_i, sums to 1
+    aux_loss = num_experts * (fraction * probs.mean(0)).sum()
+    z_loss = jnp.square(jax.nn.logsumexp(logits, axis=-1)).mean()
+    return load, aux_loss, z_loss
+
+
+class SparseMoE(nnx.Module):
+    """The mixture of experts that replaces Llama's SwiGLU (Mixtral's sparse MoE block): a router picks
+    experts_per_token of the num_experts experts for each token, and the layer's output is their routing-weighted
+    sum (plus the shared experts'). A token costs experts_per_token experts; the layer holds num_experts of them."""
+
+    def __init__(self, config, rngs):
+        self.num_experts, self.experts_per_token = config.num_experts, config.experts_per_token
+        self.normalize_top_k = config.normalize_top_k
+        linear = partial(nnx.Linear, use_bias=False, kernel_init=normal(0.02), rngs=rngs)
+        self.router = linear(config.model_dim, config.num_experts)
+        self.experts = Experts(config, rngs)
+        shared_dim = config.num_shared_experts * config.expert_ffn_dim  # Qwen2-MoE: the shared experts as one SwiGLU
+        self.shared = SwiGLU(config.model_dim, shared_dim, config, rngs) if shared_dim else None
+        self.shared_gate = linear(config.model_dim, 1) if shared_dim else None
+
+    def route(self, x, expert_bias):
+        """The router's logits and probabilities (softmax over all experts, in float32 as Mixtral's reference does:
+        small differences in the logits decide which experts run), each token's chosen experts (top
+        experts_per_token) and their weights. expert_bias (balance=bias) shifts the choice only, never the weights."""
+        logits = self.router(x).astype(jnp.float32)  # (tokens, num_experts)
+        probs = jax.nn.softmax(logits, axis=-1)
+        chosen = jax.lax.top_k(probs + expert_bias, self.experts_per_token)[1]  # (tokens, experts_per_token)
+        weights = jnp.take_along_axis(probs, chosen, axis=-1)  # (tokens, experts_per_token) the chosen probabilities
+        if self.normalize_top_k:  # p_i / sum_chosen p_j = e^(l_i) / sum_chosen e^(l_j): a softmax over the chosen logits
+            weights = weights / weights.sum(-1, keepdims=True)
+        return logits, probs, chosen, weights
+
+    def sparse_experts(self, x, chosen, weights):
+        """Dropless dispatch that computes only the routed work, with the static shapes jit needs: sort the tokens *
+        experts_per_token (token, expert) assignments by expert, as torch does; then, since an expert's number of
+        rows is only known at run time, pad each expert's slice with zero rows to whole blocks of `block` rows, so
+        that every block belongs to one expert; run each block through its expert (a Python loop over the blocks,
+        unrolled by jit into 2-D matmuls); scale every row by its weight and add it to its token's output.
+        The number of blocks is fixed by the worst case, assignments / block + num_experts - 1 at most, which with
+        block = assignments / (2 * num_experts) rows is about 3 * num_experts blocks: at most half the routed work
+        again, in padding. (MegaBlocks pads to blocks the same way, on GPUs. jax.lax.ragged_dot, the grouped matmul
+        made for this, would need no padding, but XLA on CPU computes it as every row times every expert, masked:
+        the dense path's work, 8x here; on GPUs and TPUs it is a real grouped matmul.)"""
+        tokens, model_dim = x.shape
+        assignments = tokens * self.experts_per_token
+        block = max(1, assignments // (2 * self.num_experts))  # rows per block: 128 at the default sizes
+        num_blocks = (assignments + self.num_experts * (block - 1)) // block  # enough for any routing
+        expert = chosen.reshape(-1)  # (assignments,) assignment i: token i // experts_per_token, expert expert[i]
+        order = jnp.argsort(expert, stable=True)  # the assignments grouped by expert
+        token = order // self.experts_per_token  # (assignments,) the token of each sorted assignment
+        counts = jnp.bincount(expert, length=self.num_experts)  # (num_experts,) rows per expert
+        padded = -(-counts // block) * block  # each expert's rows, rounded up to whole blocks
+        start, padded_start = jnp.cumsum(counts) - counts, jnp.cumsum(padded) - padded  # (num_experts,) first rows
+        sorted_expert = expert[order]
+        row = padded_start[sorted_expert] + jnp.arange(assignments) - start[sorted_expert]  # its row once padded
+        rows = jnp.zeros((num_blocks * block, model_dim), x.dtype).at[row].set(x[token])  # (num_blocks * block, ..)
+        block_expert = jnp.searchsorted(jnp.cumsum(padded) // block, jnp.arange(num_blocks), side="right")
+        block_expert = jnp.minimum(block_expert, self.num_experts - 1)  # blocks past the last expert's: zero rows
+        out = jnp.concatenate(self.experts(jnp.split(rows, num_blocks), block_expert))  # (num_blocks * block, ..)
+        out = out[row] * weights.reshape(-1)[order, None].astype(x.dtype)  # (assignments, model_dim), sorted order
+        return jnp.zeros_like(x).at[token].add(out)  # (tokens, model_dim): each token's weighted sum
+
+    def dense_experts(self, x, chosen, weights):
+        """The reference path, for the tests and for reading: every expert on every token, weighted by a mask that
+        holds the chosen experts' weights and 0 elsewhere. num_experts / experts_per_token times the work."""
+        mask = jnp.zeros((x.shape[0], self.num_experts)).at[jnp.arange(x.shape[0])[:, None], chosen].set(weights)
+        out = jnp.stack(self.experts([x] * self.num_experts, range(self.num_experts)), axis=1)  # (tokens, experts, ..)
+        return (mask[..., None].astype(x.dtype) * out).sum(1)  # (tokens, model_dim)
+
+    def __call__(self, x, expert_bias):
+        batch_size, seq_len, model_dim = x.shape
+        x = x.reshape(batch_size * seq_len, model_dim)  # routing is per token
+        logits, probs, chosen, weights = self.route(x, expert_bias)
+        out = self.sparse_experts(x, chosen, weights)  # (tokens, model_dim)
+        if self.shared is not None:  # every token, scaled by sigmoid(shared_gate(x)) (Qwen2-MoE)
+            out = out + jax.nn.sigmoid(self.shared_gate(x)) * self.shared(x)
+        return out.reshape(batch_size, seq_len, model_dim), balance_stats(logits, probs, chosen, self.num_experts)
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block, as Llama's with the mixture of experts for the SwiGLU: x + attn(norm(x)), then
+    x + moe(norm(x)). Also returns the layer's expert load and balancing losses."""
+
+    def __init__(self, config, rngs):
+        self.attn_norm = RMSNorm(config.model_dim)
+        self.attn = Attention(config, rngs)
+        self.ffn_norm = RMSNorm(config.model_dim)
+        self.moe = SparseMoE(config, rngs)
+
+    def __call__(self, x, cos, sin, mask, cache, position, expert_bias):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, position)  # (batch_size, seq_len, model_dim)
+        out, stats = self.moe(self.ffn_norm(x), expert_bias)
+        return x + out, stats
+
+
+class Buffer(nnx.Variable):
+    """A fixed array that belongs to the model but is not trained (torch's register_buffer): the training code
+    splits the model with nnx.split(model, nnx.Param, ExpertBias, ...), so only nnx.Param reaches the gradient."""
+
+
+class ExpertBias(nnx.Variable):
+    """The expert biases of balance=bias (torch: a saved buffer): changed by the train step, not by the gradient."""
+
+
+class MoE(nnx.Module):
+    """Token embedding -> num_layers blocks -> final RMSNorm -> lm_head, as Llama. Also holds expert_bias, one bias
+    per layer and expert for balance=bias: not a parameter (no gradient moves it, see bias_update), but saved."""
+
+    def __init__(self, config, rngs):
+        self.num_kv_heads, self.head_dim = config.num_kv_heads, config.model_dim // config.num_heads
+        self.max_len = int(config.rope_scaling * config.seq_len)  # the longest context RoPE (+ YaRN) serves
+        self.token_embedding = nnx.Embed(config.vocab_size, config.model_dim, embedding_init=normal(0.02), rngs=rngs)
+        cos, sin = rope_tables(config, self.max_len)  # 2 x (max_len, head_dim)
+        self.cos, self.sin = Buffer(jnp.asarray(cos)), Buffer(jnp.asarray(sin))  # fixed: no gradient, not saved
+        self.expert_bias = ExpertBias(jnp.zeros((config.num_layers, config.num_experts)))  # saved
+        self.blocks = nnx.List([Block(config, rngs) for _ in range(config.num_layers)])
+        self.final_norm = RMSNorm(config.model_dim)
+        self.lm_head = None if config.tie_embeddings else nnx.Linear(
+            config.model_dim, config.vocab_size, use_bias=False, kernel_init=normal(0.02), rngs=rngs)
+
+    def __call__(self, tokens, targets=None, cache=None, position=0):
+        """Logits for tokens at positions position, position + 1, ...; the loss if targets are given; and the
+        router's statistics, (load (num_layers, num_experts), aux_loss, z_loss), the losses averaged over layers.
+        With a cache (sampling), earlier positions' keys and values come from it and these tokens' go into it."""
+        batch_size, seq_len = tokens.shape
+        cos = jax.lax.dynamic_slice_in_dim(self.cos[...], position, seq_len)  # (seq_len, head_dim); position: traced
+        sin = jax.lax.dynamic_slice_in_dim(self.sin[...], position, seq_len)
+        # query i sits at position + i and sees key j if j <= position + i: the causal mask, which with a cache also
+        # hides the slots not written yet (static shapes: attention always runs over all max_len slots)
+        num_keys = seq_len if cache is None else self.max_len
+        mask = jnp.arange(num_keys) <= position + jnp.arange(seq_len)[:, None]  # (seq_len, num_keys)
+        x = self.token_embedding(tokens)  # (batch_size, seq_len, model_dim)
+        stats = []
+        for layer, block in enumerate(self.blocks):
+            layer_cache = None if cache is None else cache[layer]
+            x, layer_stats = block(x, cos, sin, mask, layer_cache, position, self.expert_bias[layer])
+            stats.append(layer_stats)
+        load, aux_loss, z_loss = (jnp.stack(values) for values in zip(*stats))  # one row per layer
+        router_stats = (load, aux_loss.mean(), z_loss.mean())
+        x = self.final_norm(x)
+        logits = self.lm_head(x) if self.lm_head is not None else self.token_embedding.attend(x)
+        if targets is None:
+            return logits, None, router_stats  # (batch_size, seq_len, vocab_size)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()  # mean over batch_size * seq_len
+        return logits, loss, router_stats
+
+    def new_cache(self, batch_size):
+        """One [key, value] pair per layer, preallocated for max_len positions: the shapes never change, so the
+        decoding step compiles once."""
+        shape = (batch_size, self.num_kv_heads, self.max_len, self.head_dim)
+        return [[jnp.zeros(shape), jnp.zeros(shape)] for _ in self.blocks]
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+def load_data(config):
+    """The corpus as token ids split 90/10, each token's bytes (to decode samples and count bytes for bits per
+    byte), and the corpus's entropy floor in val bits per byte if a <corpus>.floor.json sits beside it. Every
+    file is checked before any work: a malformed one stops the script with one line naming it."""
+    corpus = re.sub(r"\.bpe\d+\.npy$", "", config.data)  # data/stories.txt.bpe1024.npy was made from data/stories.txt
+    if config.data.endswith(".npy"):  # tokenized by bpe.py; its vocabulary is in the .json of the same name
+        vocab_path = config.data[: -len(".npy")] + ".json"
+        tokens = read_file(config.data, lambda f: np.load(f, allow_pickle=False), "a .npy array")  # no pickles
+        token_bytes = read_file(vocab_path, lambda f: [bytes.fromhex(t) for t in json.load(f)["token_bytes"]],
+                                f"the vocabulary of {config.data} (bpe.py's JSON with a token_bytes list)")
+        if not (tokens.ndim == 1 and tokens.dtype.kind in "iu" and 0 < len(token_bytes) <= 2**20 and all(token_bytes)):
+            fail(f"{config.data} and {vocab_path} are not a token file and its vocabulary (a 1-D integer array, up "
+                 f"to 2**20 non-empty tokens); tokenize again with bpe.py")
+    else:
+        tokens = read_file(config.data, lambda f: np.frombuffer(f.read(), dtype=np.uint8), "a readable file")
+        token_bytes = [bytes([i]) for i in range(256)]
+    split = int(0.9 * len(tokens))
+    train_tokens, val_tokens = tokens[:split], tokens[split:]  # the last 10% is validation
+    if min(len(train_tokens), len(val_tokens)) < config.seq_len + 1:
+        fail(f"{config.data} has {len(tokens)} tokens, too few for {config.seq_len + 1} in each of the train and "
+             f"val splits; use a longer corpus or a smaller --seq_len")
+    if not 0 <= tokens.min() <= tokens.max() < len(token_bytes):  # embedding lookups would fail or read garbage
+        fail(f"{config.data} holds token ids outside its vocabulary of {len(token_bytes)}; tokenize again with bpe.py")
+    floor = None
+    if os.path.isfile(corpus + ".floor.json"):
+        floor = read_file(corpus + ".floor.json", lambda f: json.load(f)["val_bpb"], "a floor file")
+        if type(floor) not in (int, float) or not 0 <= floor <= 8:  # a byte holds at most 8 bits
+            fail(f"{corpus}.floor.json: val_bpb is {floor!r}, not a number of bits per byte; remove or regenerate it")
+    return train_tokens, val_tokens, token_bytes, floor
+
+
+def get_batch(tokens, rng, config):
+    """batch_size random windows: inputs and their next-token targets. A numpy generator picks the offsets, so
+    the torch and jax twins draw identical batches."""
+    offsets = rng.integers(0, len(tokens) - config.seq_len, size=config.batch_size)  # (batch_size,)
+    index = offsets[:, None] + np.arange(config.seq_len)  # (batch_size, seq_len)
+    return tokens[index].astype(np.int32), tokens[index + 1].astype(np.int32)  # jax's default int
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def make_optimizer(config):
+    """AdamW but its learning rate, which the train step applies as torch's loop does (a number per step, so the
+    compiled step serves any schedule): clip the global gradient norm, Adam's update, then decoupled weight decay,
+    only on tensors of two or more dims (matrices, embeddings), not biases or norm gains."""
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip), optax.scale_by_adam(config.beta1, config.beta2),
+                       optax.add_decayed_weights(config.weight_decay, mask=decay_mask))
+
+
+def learning_rate_at(step, config):
+    """Linear warmup from 0 over warmup_steps, then cosine decay from learning_rate to min_learning_rate at the
+    last step. step counts the updates done before this one (0 for the first)."""
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)  # 0 -> 1
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))  # 1 -> 0
+    return config.min_learning_rate + cosine * (config.learning_rate - config.min_learning_rate)
+
+
+def bias_update(load, config):
+    """DeepSeek-V3's auxiliary-loss-free balancing (Wang et al. 2024; DeepSeek-V3 report, section 2.1.2): after
+    each step, every expert that received fewer assignments than the mean gets its bias raised by
+    bias_update_rate, every busier one lowered. The bias only enters the choice of experts (SparseMoE.route), so
+    it steers tokens toward idle experts without changing how outputs are weighted, and no loss pulls against the
+    language model's."""
+    return config.bias_update_rate * jnp.sign(load.mean(-1, keepdims=True) - load)  # (num_layers, num_experts)
+
+
+def make_steps(graphdef, buffers, optimizer, config):
+    """The train step (one AdamW update at the given learning rate; with balance=bias, then one update of the
+    expert biases) and the evaluation loss, each compiled once by jax.jit as a pure function of the model's
+    parameters and expert biases (nnx.split/merge: cheaper per call than nnx.jit). The objective is the language
+    model's loss plus the weighted z-loss, plus the weighted auxiliary loss with balance=aux_loss; the step
+    returns the language model's loss and (aux_loss, z_loss), the auxiliary loss measured in either mode."""
+    def objective(params, expert_bias, x, y):
+        _, loss, (load, aux_loss, z_loss) = nnx.merge(graphdef, params, expert_bias, buffers)(x, y)
+        total = loss + config.z_loss_weight * z_loss
+        if config.balance == "aux_loss":
+            total = total + config.aux_loss_weight * aux_loss
+        return total, (loss, load, aux_loss, z_loss)
+
+    @partial(jax.jit, donate_argnums=(0, 1, 2))  # params, optimizer state and biases are updated in place
+    def train_step(params, opt_state, expert_bias, x, y, learning_rate):
+        grads, (loss, load, aux_loss, z_loss) = jax.grad(objective, has_aux=True)(params, expert_bias, x, y)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = jax.tree.map(lambda p, u: p - learning_rate * u, params, updates)  # AdamW's step: -lr * update
+        if config.balance == "bias":
+            expert_bias = jax.tree.map(lambda bias: bias + bias_update(load, config), expert_bias)
+        return params, opt_state, expert_bias, loss, jnp.stack([aux_loss, z_loss])
+
+    @jax.jit
+    def eval_loss(params, expert_bias, x, y):
+        _, loss, (load, _, _) = nnx.merge(graphdef, params, expert_bias, buffers)(x, y)
+        return loss, load
+
+    return train_step, eval_loss
+
+
+def evaluate(eval_loss, params, expert_bias, tokens, config):
+    """Mean loss over eval_steps batches from a generator re-seeded at every evaluation (evaluations compare with
+    each other, and the training batches do not depend on when we evaluate), and the expert load summed over
+    them, (num_layers, num_experts)."""
+    rng = np.random.default_rng(config.seed + 1)
+    losses, loads = zip(*(eval_loss(params, expert_bias, *get_batch(tokens, rng, config))
+                          for _ in range(config.eval_steps)))
+    return float(np.mean([float(loss) for loss in losses])), np.sum([np.asarray(load) for load in loads], axis=0)
+
+
+def checkpoint_arrays(params, expert_bias, opt_state):
+    """Every array of a checkpoint by name: its path in the tree of parameters, expert biases and optimizer state
+    (params/blocks/0/attn/query/kernel, expert_bias/expert_bias, opt_state/1/0/mu/..., ...)."""
+    state = {"params": params, "expert_bias": expert_bias, "opt_state": opt_state}
+    return {keystr(path, simple=True, separator="/"): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state)}
+
+
+def open_checkpoint(config):
+    """The checkpoint to resume ({name: array}, with its meta parsed), or None for a fresh run. Refuses (exit 2) to
+    overwrite a checkpoint, and a checkpoint that is unreadable, another script's or another model's."""
+    path = os.path.join(config.out_dir, CHECKPOINT)
+    if not config.resume:
+        if os.path.exists(path):
+            fail(f"{path} already holds a checkpoint; pass --resume=true to continue it or choose another --out_dir")
+        return None
+    # arrays and a JSON string: loading runs no code
+    checkpoint = read_file(path, lambda f: dict(np.load(f, allow_pickle=False)), "a checkpoint")
+    check_meta(path, checkpoint, config)
+    return checkpoint
+
+
+def save_checkpoint(params, expert_bias, opt_state, step, data_rng, config):
+    """Weights, optimizer state, step, data RNG state and config. Written to a temporary file and renamed over the
+    old one, so an interruption never leaves a broken checkpoint."""
+    path = os.path.join(config.out_dir, CHECKPOINT)
+    meta = json.dumps({"step": step, "data_rng": data_rng.bit_generator.state, "config": asdict(config)})
+    arrays = {name: np.asarray(leaf) for name, leaf in checkpoint_arrays(params, expert_bias, opt_state).items()}
+    with open(path + ".tmp", "wb") as f:  # a file object: given a name, np.savez would append ".npz"
+        np.savez(f, meta=np.array(meta), **arrays)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def restore_checkpoint(checkpoint, params, expert_bias, opt_state, data_rng, config):
+    """The saved parameters, expert biases and optimizer state, once every array's name, shape and dtype match the
+    fresh ones given; puts the data RNG state back. Returns them with the step to continue from."""
+    check_arrays(os.path.join(config.out_dir, CHECKPOINT), checkpoint,
+                 checkpoint_arrays(params, expert_bias, opt_state))
+    state = {"params": params, "expert_bias": expert_bias, "opt_state": opt_state}
+    state = jax.tree_util.tree_map_with_path(
+        lambda path, _: jnp.asarray(checkpoint[keystr(path, simple=True, separator="/")]), state)
+    data_rng.bit_generator.state = checkpoint["meta"]["data_rng"]
+    return state["params"], state["expert_bias"], state["opt_state"], checkpoint["meta"]["step"]
+
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+
+def sample_prompt(val_tokens, token_bytes, length):
+    """length tokens of the val split, from its first non-blank line start: a prompt with no encoder needed."""
+    ends_line = np.array([b.endswith(b"\n") for b in token_bytes])[val_tokens[: len(val_tokens) - length]]
+    line_starts = np.flatnonzero(ends_line[:-1] & ~ends_line[1:]) + 1  # after a line break, not on a blank line
+    start = line_starts[0] if len(line_starts) else 0
+    return val_tokens[start : start + length].tolist()
+
+
+@functools.cache  # one compiled sampler per model structure and setting: repeated generate calls reuse it
+def make_next_token(graphdef, temperature, top_k):
+    @jax.jit  # compiled once per shape of tokens (the prompt, half a context, one token), never per position
+    def next_token(state, tokens, cache, position, last, key, i):
+        """One sampling step: run tokens (at positions position, ...) through the model, then draw the next token
+        from softmax(logits / temperature) at index last, optionally among the top_k most likely only."""
+        logits, _, _ = nnx.merge(graphdef, state)(tokens, cache=cache, position=position)  # (1, len(tokens), vocab_size)
+        logits = logits[0, last] / temperature  # (vocab_size,)
+        if top_k > 0:
+            kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][-1]
+            logits = jnp.where(logits < kth, -jnp.inf, logits)
+        return jax.random.categorical(jax.random.fold_in(key, i), logits), cache  # a fresh key for draw i
+    return next_token
+
+
+def generate(model, prompt, max_new_tokens, temperature, top_k, key, use_cache=True):
+    """Sample max_new_tokens tokens one at a time. With the key/value cache the prompt runs through the model once
+    (prefill) and each new token costs one position; when the context fills max_len = rope_scaling * seq_len
+    positions, its last half is kept and prefilled again. use_cache=False reruns the model over the last max_len
+    tokens at every step: the slow path, kept for the tests and the benchmark."""
+    graphdef, state = nnx.split(model)
+    next_token = partial(make_next_token(graphdef, temperature, top_k), nnx.to_pure_dict(state))
+    tokens = list(prompt)
+    cache, position = None, 0  # position: how many tokens the cache holds
+    for i in range(max_new_tokens):
+        if not use_cache:  # one shape, one compilation: the context sits in a window of max_len, padded after its end
+            context = tokens[-model.max_len :]
+            window = np.zeros((1, model.max_len), np.int32)  # (1, max_len); causal, so the padding does not matter
+            window[0, : len(context)] = context
+            token, _ = next_token(window, None, 0, len(context) - 1, key, i)
+        elif cache is None or position == model.max_len:  # first step, or the cache is full: prefill
+            context = tokens[-model.max_len :] if cache is None else tokens[-max(1, model.max_len // 2) :]
+            cache = model.new_cache(1)
+            token, cache = next_token(np.array([context], np.int32), cache, 0, len(context) - 1, key, i)
+            position = len(context)
+        else:  # one new position: the last token sampled
+            token, cache = next_token(np.array([tokens[-1:]], np.int32), cache, position, 0, key, i)
+            position += 1
+        tokens.append(int(token))
+    return tokens
+
+
+# -----------------------------------------------------------------------------
+# Command line
+# The options, and the rules that keep a user's work safe: these helpers are the same in every model script.
+
+SCRIPT = os.path.basename(__file__)
+MEMORY = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # this machine's, in bytes
+
+
+# the options that must be at least 1 (checked first, so model_checks divides by none of them)
+POSITIVE = ("seq_len", "num_layers", "num_heads", "num_kv_heads", "model_dim", "num_experts", "experts_per_token",
+            "expert_ffn_dim", "batch_size", "steps", "eval_interval", "eval_steps", "log_interval")
+
+
+def model_checks(config):
+    """(ok, message) for each rule on this model's own options. The rest of this section is the same in every
+    model script."""
+    head_dim = config.model_dim // config.num_heads
+    return [
+        (config.model_dim % config.num_heads == 0,
+         f"--model_dim={config.model_dim} is not divisible by --num_heads={config.num_heads}; pick a multiple"),
+        (config.num_heads % config.num_kv_heads == 0,
+         f"--num_heads={config.num_heads} is not divisible by --num_kv_heads={config.num_kv_heads}; pick a divisor"),
+        (head_dim % 2 == 0, f"head_dim = --model_dim / --num_heads = {head_dim} must be even for RoPE's pairs"),
+        (config.experts_per_token <= config.num_experts,
+         f"--experts_per_token={config.experts_per_token} must be at most --num_experts={config.num_experts}"),
+        (config.num_shared_experts >= 0, f"--num_shared_experts={config.num_shared_experts} must be >= 0"),
+        (48 * config.num_layers * (config.num_experts + config.num_shared_experts) * config.model_dim
+         * config.expert_ffn_dim < MEMORY,  # 3 matrices per expert, 16 bytes a weight
+         f"--num_experts, --num_shared_experts and --expert_ffn_dim need more than this machine's memory; use fewer"),
+        (config.balance in ("aux_loss", "bias"), f"--balance={config.balance} is not one of aux_loss, bias"),
+        (min(config.aux_loss_weight, config.z_loss_weight, config.bias_update_rate) >= 0,
+         "--aux_loss_weight, --z_loss_weight and --bias_update_rate must be >= 0"),
+        (config.rope_theta > 1, f"--rope_theta={config.rope_theta} must be > 1"),
+        (config.rope_scaling >= 1, f"--rope_scaling={config.rope_scaling} must be >= 1 (1 = plain RoPE)"),
+        (0 <= config.yarn_alpha < config.yarn_beta,
+         f"--yarn_alpha={config.yarn_alpha} and --yarn_beta={config.yarn_beta} need 0 <= alpha < beta"),
+        (8 * config.rope_scaling * config.seq_len * (config.num_layers * config.num_kv_heads + 1) * head_dim < MEMORY,
+         f"the RoPE tables and KV cache for rope_scaling * seq_len positions need more than this machine's memory; "
+         f"use a smaller --rope_scaling or --seq_len"),
+    ]
+
+
+def tell(message):
+    """One line on stderr, after the script's name (a line break in a path is shown as \\n)."""
+    print(f"{SCRIPT}: {message}".replace("\n", "\\n").replace("\r", "\\r"), file=sys.stderr, flush=True)
+
+
+def fail(message, status=2):
+    """One line on stderr that names the problem and what to do, then exit: status 2 for a user's mistake (an
+    option, a file), 1 for a run that diverged. No traceback."""
+    tell(f"error: {message}")
+    sys.exit(status)
+
+
+def parse_bool(text):
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def parse_config(argv=None):
+    """Every Config field but vocab_size is a --name=value option; --help shows the field comments. Every value is
+    checked here, before any work: what could only fail later (a size too big for memory) fails now."""
+    comments = dict(re.findall(r"^\s+(\w+): .*?#\s*(.*)$", inspect.getsource(Config), re.M))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.error = fail  # argparse would print the usage too; one line is enough
+    for field in fields(Config):
+        if field.name != "vocab_size":
+            parser.add_argument(f"--{field.name}", type=parse_bool if field.type is bool else field.type,
+                                default=field.default, metavar=field.type.__name__, help=comments[field.name])
+    config = Config(**vars(parser.parse_args(argv)))
+    for name, value in asdict(config).items():  # first: the checks below then divide by no zero, compare no nan
+        if name in POSITIVE and value < 1:
+            fail(f"--{name}={value} must be at least 1")
+        if type(value) is int and not -2**63 <= value < 2**63:
+            fail(f"--{name}={value} is too large")
+        if type(value) is float and not abs(value) <= 3.4e38:  # also false for nan
+            fail(f"--{name}={value} must be a finite number within float32's range (3.4e38)")
+    checks = model_checks(config) + [  # the same in every script
+        (0 <= config.warmup_steps <= config.steps,
+         f"--warmup_steps={config.warmup_steps} must be between 0 and --steps={config.steps}"),
+        (0 <= config.min_learning_rate <= config.learning_rate,
+         f"--min_learning_rate={config.min_learning_rate} must be in [0, --learning_rate={config.learning_rate}]"),
+        (0 <= config.beta1 < 1 and 0 <= config.beta2 < 1, "--beta1 and --beta2 must be in [0, 1)"),
+        (config.weight_decay >= 0 and config.grad_clip > 0, "--weight_decay must be >= 0 and --grad_clip > 0"),
+        (1e-6 <= config.temperature <= 1e6 and config.top_k >= 0 and config.sample_tokens >= 0,
+         "--temperature must be in [1e-6, 1e6], --top_k and --sample_tokens >= 0"),
+        (0 <= config.seed < 2**32, f"--seed={config.seed} must be in [0, 2**32)"),
+        (os.path.isfile(config.data), f"data file {config.data} not found; pass --data=PATH (a text file or a .npy)"),
+        (os.path.isfile(os.path.join(config.out_dir, CHECKPOINT)) or not config.resume,
+         f"--resume=true but there is no checkpoint {os.path.join(config.out_dir, CHECKPOINT)}; drop --resume or "
+         f"pass the right --out_dir"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            fail(message)
+    return config
+
+
+def check_memory(config):
+    """Refuse (exit 2) sizes whose training cannot fit in this machine's memory, before any work. A lower bound:
+    every block holds at least two model_dim x model_dim matrices, a weight costs 16 bytes with its gradient and
+    AdamW's two moments, and backward keeps at least the logits, their gradient, 4 vectors per token and block, and
+    one block's attention scores (jax materialises them; torch's fused kernel may not, but the twins refuse alike)."""
+    weights = config.vocab_size * config.model_dim + 2 * config.num_layers * config.model_dim**2
+    tokens = config.batch_size * config.seq_len
+    scores = tokens * config.num_heads * config.seq_len
+    needed = 16 * weights + 4 * tokens * (2 * config.vocab_size + 4 * config.num_layers * config.model_dim + scores)
+    if needed >= MEMORY:
+        fail(f"training this model needs at least {needed / 2**30:.1f} GiB of memory, this machine has "
+             f"{MEMORY / 2**30:.1f}; use a smaller --batch_size, --seq_len, --model_dim or --num_layers")
+
+
+def read_file(path, read, what):
+    """read(the open file), or one line and exit 2 if the file cannot be read or is not what it should be."""
+    try:
+        with open(path, "rb") as f:
+            return read(f)
+    except Exception as error:  # whatever a damaged or foreign file makes the reader raise (loading runs no code)
+        reason = (str(error).splitlines() or [""])[0][:200]
+        fail(f"{path} is not {what} ({type(error).__name__}: {reason}); check the file or pass another one")
+
+
+def check_meta(path, checkpoint, config):
+    """Parse a checkpoint's meta (step, data RNG state, config) in place. Refuses (exit 2) a damaged checkpoint or
+    another script's, one of a different model, and one already at --steps."""
+    try:
+        meta = json.loads(str(checkpoint["meta"])) if isinstance(checkpoint, dict) else None  # npz: a 0-d array
+        np.random.default_rng().bit_generator.state = meta["data_rng"]  # raises for anything but a generator's state
+        ours = (isinstance(meta["config"], dict) and set(meta["config"]) == {field.name for field in fields(Config)}
+                and type(meta["step"]) is int and meta["step"] >= 0)
+    except (TypeError, KeyError, IndexError, ValueError, OverflowError):  # no dict, no key, not JSON, no state
+        ours = False
+    if not ours:
+        fail(f"{path} is damaged or not a {SCRIPT} checkpoint; choose another --out_dir")
+    checkpoint["meta"] = meta
+    for name in MODEL_FIELDS:  # the same type too: 16.0 or true is not the 16 or 1 of an option
+        if (type(meta["config"][name]), meta["config"][name]) != (type(getattr(config, name)), getattr(config, name)):
+            fail(f"{path} holds a model with {name}={meta['config'][name]}, not {getattr(config, name)}; "
+                 f"pass the same model options or choose another --out_dir")
+    if meta["step"] >= config.steps:
+        fail(f"{path} is already at step {meta['step']}; pass a larger --steps to train further")
+
+
+def check_arrays(path, saved, expected):
+    """Refuse (exit 2) a checkpoint whose arrays are not exactly this model's: a name missing or unexpected, or a
+    different shape or dtype."""
+    describe = lambda array: f"{getattr(array, 'dtype', type(array).__name__)} {tuple(getattr(array, 'shape', ()))}"
+    for name in sorted((saved.keys() - {"meta"}) ^ expected.keys()):
+        fail(f"{path} {'lacks' if name in expected else 'has an unexpected'} array {name}, so it is not a checkpoint "
+             f"of this model; choose another --out_dir")
+    for name, array in expected.items():
+        if describe(saved[name]) != describe(array):
+            fail(f"{path}: {name} is {describe(saved[name])}, this model's is {describe(array)}; choose another "
+                 f"--out_dir")
+
+
+@contextlib.contextmanager
+def locked_out_dir(config):
+    """Create out_dir, check that files can be written in it, and hold an advisory lock on it until the run ends: a
+    second run on the same out_dir is refused (exit 2) instead of replacing this one's checkpoints."""
+    try:
+        os.makedirs(config.out_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=config.out_dir).close()  # really write: permissions can mislead (root, mounts)
+        lock = os.open(config.out_dir, os.O_RDONLY)
+    except OSError as error:
+        fail(f"cannot write in --out_dir={config.out_dir}: {error.strerror}; choose another --out_dir")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the lock closes, or the process ends
+    except BlockingIOError:
+        os.close(lock)
+        fail(f"--out_dir={config.out_dir} is in use by another run; wait for it to end or choose another --out_dir")
+    try:
+        yield
+    finally:
+        os.close(lock)
+
+
+def stop_if_diverged(step, config, **values):
+    """A non-finite loss or weight norm means training diverged: stop before anything non-finite is saved, exit
+    status 1 (not a usage mistake); out_dir keeps the last good checkpoint, if one was saved."""
+    for name, value in values.items():
+        if not math.isfinite(value):
+            fail(f"{name} at step {step} is {value}: training diverged and stopped; {config.out_dir} keeps the last "
+                 f"good checkpoint, if any; try a lower --learning_rate", status=1)
+
+
+def read_losses(unchecked, config):
+    """The training losses not read yet, [(step, loss)], as floats: the first that is not finite stops the run
+    (stop_if_diverged). Empties the list and returns the last loss. Reading a jax loss waits for its step, so the
+    loop reads them only at log lines and before saving, and jax runs ahead in between."""
+    losses = [(step, float(loss)) for step, loss in unchecked]
+    unchecked.clear()
+    for step, loss in losses:
+        stop_if_diverged(step, config, loss=loss)
+    return losses[-1][1]
+
+
+def quit_on_signal(when):
+    """Outside the training loop there is nothing to save: Ctrl-C (SIGINT) or SIGTERM ends the script at once with
+    one line and exit status 128 + the signal's number (130, 143). os._exit: no exception unwinds through the
+    framework's internals, and no shutdown waits on its threads."""
+    def handler(signum, frame):
+        tell(f"stopped by {signal.Signals(signum).name} {when}")
+        sys.stdout.flush()
+        os._exit(128 + signum)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handler)
+
+
+def stop_on_signal():
+    """In the training loop Ctrl-C (SIGINT) or SIGTERM only raises a flag: the current step finishes, then the loop
+    saves a checkpoint and exits. Returns the flag: the list of signals received."""
+    received = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda signum, frame: received.append(signum))
+    return received
+
+
+def main(argv=None):
+    quit_on_signal("before training; nothing was written")
+    config = parse_config(argv)
+    train_tokens, val_tokens, token_bytes, floor = load_data(config)
+    config.vocab_size = len(token_bytes)
+    check_memory(config)  # now that vocab_size is known
+    with locked_out_dir(config):  # until main ends
+        checkpoint = open_checkpoint(config)
+        init_key, sample_key = jax.random.split(jax.random.key(config.seed))
+        model = MoE(config, nnx.Rngs(init_key))
+        optimizer = make_optimizer(config)
+        data_rng = np.random.default_rng(config.seed)
+        # jax transforms pure functions: split the model into its structure and plain nested dicts of arrays, the
+        # trained parameters, the expert biases and the fixed RoPE tables (a dict of Variables would cost a Python
+        # unflatten per parameter at every call)
+        graphdef, state, expert_bias, buffers = nnx.split(model, nnx.Param, ExpertBias, ...)
+        params, expert_bias, buffers = (nnx.to_pure_dict(s) for s in (state, expert_bias, buffers))
+        opt_state = optimizer.init(params)
+        start_step = 0
+        if checkpoint is not None:
+            params, expert_bias, opt_state, start_step = restore_checkpoint(checkpoint, params, expert_bias, opt_state,
+                                                                           data_rng, config)
+            print(f"resuming from step {start_step}")
+        byte_lengths = np.array([len(b) for b in token_bytes])
+        tokens_per_byte = len(val_tokens) / byte_lengths[val_tokens].sum()  # 1 for a byte corpus
+        print(f"data {config.data}: {len(train_tokens):,} train / {len(val_tokens):,} val tokens, "
+              f"vocab_size {config.vocab_size}")
+        total = sum(p.size for p in jax.tree.leaves(params))
+        idle = config.num_layers * (config.num_experts - config.experts_per_token) * 3 * config.model_dim * \
+            config.expert_ffn_dim  # the experts a token does not visit
+        print(f"model: {total:,} parameters, {total - idle:,} active per token")
+        train_step, eval_loss = make_steps(graphdef, buffers, optimizer, config)
+
+        stop_requested = stop_on_signal()  # the current step finishes, then we save and exit
+        unchecked_losses = []  # (step, loss) not read yet: see read_losses
+        tokens_per_step = config.batch_size * config.seq_len
+        timer, timed_from = time.perf_counter(), start_step
+        for step in range(start_step, config.steps):
+            learning_rate = learning_rate_at(step, config)
+            x, y = get_batch(train_tokens, data_rng, config)
+            params, opt_state, expert_bias, loss, balance = train_step(params, opt_state, expert_bias, x, y,
+                                                                       learning_rate)
+            done = step + 1  # steps completed
+            unchecked_losses.append((done, loss))
+            evaluating = done % config.eval_interval == 0 or done == config.steps
+            if done % config.log_interval == 0 or evaluating or stop_requested:
+                loss = read_losses(unchecked_losses, config)
+            if done % config.log_interval == 0:
+                ms = (time.perf_counter() - timer) * 1000 / (done - timed_from)
+                aux_loss, z_loss = (float(value) for value in balance)
+                print(f"step {done:5d}/{config.steps} | loss {loss:.4f} | aux {aux_loss:.3f} | z {z_loss:.3f} | "
+                      f"lr {learning_rate:.1e} | {ms:.1f} ms/step | {tokens_per_step / ms:.1f}k tok/s", flush=True)
+                timer, timed_from = time.perf_counter(), done
+            if evaluating:
+                (train_loss, _), (val_loss, load) = (evaluate(eval_loss, params, expert_bias, split, config)
+                                                     for split in (train_tokens, val_tokens))
+                stop_if_diverged(done, config, train_loss=train_loss, val_loss=val_loss)
+                bpb = val_loss / math.log(2) * tokens_per_byte
+                share = load / load.mean(-1, keepdims=True)  # per layer and expert, 1 = the uniform share
+                print(f"eval step {done:5d} | train {train_loss:.4f} | val {val_loss:.4f} | val bpb {bpb:.3f}"
+                      + (f" | floor {floor:.3f}" if floor is not None else "") + " | load "
+                      + " ".join(f"{row.min():.2f}x-{row.max():.2f}x" for row in share), flush=True)
+            if evaluating or stop_requested:
+                weight_norm = float(jax.jit(optax.global_norm)(params))  # compiled: one call, not one per array
+                stop_if_diverged(done, config, weight_norm=weight_norm)
+                path = save_checkpoint(params, expert_bias, opt_state, done, data_rng, config)
+                timer, timed_from = time.perf_counter(), done  # keep evaluation and saving out of ms/step
+            if stop_requested:
+                then = "continue with --resume=true" if done < config.steps else "training is complete"
+                tell(f"stopped by {signal.Signals(stop_requested[0]).name}: saved step {done} to {path}; {then}")
+                sys.exit(128 + stop_requested[0])
+
+        quit_on_signal(f"while sampling; {path} holds the trained model")
+        nnx.update(model, params, expert_bias)  # the trained arrays back into the model object
+        prompt = sample_prompt(val_tokens, token_bytes, max(1, config.seq_len // 4))
+        print("sample:", flush=True)
+        tokens = generate(model, prompt, config.sample_tokens, config.temperature, config.top_k, sample_key)
+        print(b"".join(token_bytes[t] for t in tokens).decode("utf-8", errors="replace"))
+
+
+if __name__ == "__main__":
+    main()
