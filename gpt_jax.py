@@ -314,10 +314,9 @@ def evaluate(eval_loss, params, tokens, config):
     return float(np.mean(losses))
 
 
-def checkpoint_arrays(params, opt_state):
-    """Every array of a checkpoint by name: its path in the tree of parameters and optimizer state
-    (params/blocks/0/attn/qkv/kernel, opt_state/1/0/mu/..., ...)."""
-    state = {"params": params, "opt_state": opt_state}
+def checkpoint_arrays(state):
+    """Every array of a checkpoint by name: its path in state, the dict of trees the run keeps (parameters, optimizer
+    state, ...): params/blocks/0/attn/query/kernel, opt_state/1/0/mu/..., ..."""
     return {keystr(path, simple=True, separator="/"): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state)}
 
 
@@ -335,27 +334,26 @@ def open_checkpoint(config):
     return checkpoint
 
 
-def save_checkpoint(params, opt_state, step, data_rng, config):
-    """Weights, optimizer state, step, data RNG state and config. Written to a temporary file and renamed over the
-    old one, so an interruption never leaves a broken checkpoint."""
+def save_checkpoint(state, step, data_rng, config):
+    """Weights, optimizer state (state: a dict of trees), step, data RNG state and config. Written to a temporary
+    file and renamed over the old one, so an interruption never leaves a broken checkpoint."""
     path = os.path.join(config.out_dir, CHECKPOINT)
     meta = json.dumps({"step": step, "data_rng": data_rng.bit_generator.state, "config": asdict(config)})
-    arrays = {name: np.asarray(leaf) for name, leaf in checkpoint_arrays(params, opt_state).items()}
+    arrays = {name: np.asarray(leaf) for name, leaf in checkpoint_arrays(state).items()}
     with open(path + ".tmp", "wb") as f:  # a file object: given a name, np.savez would append ".npz"
         np.savez(f, meta=np.array(meta), **arrays)
     os.replace(path + ".tmp", path)
     return path
 
 
-def restore_checkpoint(checkpoint, params, opt_state, data_rng, config):
-    """The saved parameters and optimizer state, once every array's name, shape and dtype match the fresh ones
-    given; puts the data RNG state back. Returns them with the step to continue from."""
-    check_arrays(os.path.join(config.out_dir, CHECKPOINT), checkpoint, checkpoint_arrays(params, opt_state))
-    state = {"params": params, "opt_state": opt_state}
+def restore_checkpoint(checkpoint, state, data_rng, config):
+    """The saved state (a dict of trees: parameters, optimizer state, ...), once every array's name, shape and dtype
+    match those of the fresh state given; puts the data RNG state back. Returns it with the step to continue from."""
+    check_arrays(os.path.join(config.out_dir, CHECKPOINT), checkpoint, checkpoint_arrays(state))
     state = jax.tree_util.tree_map_with_path(
         lambda path, _: jnp.asarray(checkpoint[keystr(path, simple=True, separator="/")]), state)
     data_rng.bit_generator.state = checkpoint["meta"]["data_rng"]
-    return state["params"], state["opt_state"], checkpoint["meta"]["step"]
+    return state, checkpoint["meta"]["step"]
 
 
 # -----------------------------------------------------------------------------
@@ -618,7 +616,9 @@ def main(argv=None):
         opt_state = optimizer.init(params)
         start_step = 0
         if checkpoint is not None:
-            params, opt_state, start_step = restore_checkpoint(checkpoint, params, opt_state, data_rng, config)
+            saved, start_step = restore_checkpoint(checkpoint, {"params": params, "opt_state": opt_state}, data_rng,
+                                                   config)
+            params, opt_state = saved["params"], saved["opt_state"]
             print(f"resuming from step {start_step}")
         byte_lengths = np.array([len(b) for b in token_bytes])
         tokens_per_byte = len(val_tokens) / byte_lengths[val_tokens].sum()  # 1 for a byte corpus
@@ -655,7 +655,7 @@ def main(argv=None):
             if evaluating or stop_requested:
                 weight_norm = float(jax.jit(optax.global_norm)(params))  # compiled: one call, not one per array
                 stop_if_diverged(done, config, weight_norm=weight_norm)
-                path = save_checkpoint(params, opt_state, done, data_rng, config)
+                path = save_checkpoint({"params": params, "opt_state": opt_state}, done, data_rng, config)
                 timer, timed_from = time.perf_counter(), done  # keep evaluation and saving out of ms/step
             if stop_requested:
                 then = "continue with --resume=true" if done < config.steps else "training is complete"
