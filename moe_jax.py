@@ -1,4 +1,4 @@
-"""A mixture of experts in JAX, in one file: Mixtral's sparse decoder-only transformer, trained to predict the next byte/token.
+"""A mixture of experts in JAX, in one file: Mixtral's sparse transformer, trained to predict the next byte/token.
 
 A Llama (RMSNorm, RoPE, grouped-query attention, KV cache: llama_jax.py's, written out again here) whose
 feed-forward network is a sparse mixture of experts:
@@ -235,20 +235,20 @@ class SwiGLU(nnx.Module):
 
 class Experts(nnx.Module):
     """num_experts SwiGLU networks, their weights stacked along a first axis as (in, out) matrices: expert e is
-    down[e](silu(gate[e](x)) * up[e](x)). Stacked, the jax twin can pick an expert with an index computed under jit."""
+    down[e](silu(gate[e](x)) * up[e](x)). Stacked, so that jax's dispatch can pick an expert by a computed index."""
 
     def __init__(self, config, rngs):
         shape = (config.num_experts, config.model_dim, config.expert_ffn_dim)
         self.gate = nnx.Param(normal(0.02)(rngs.params(), shape))
         self.up = nnx.Param(normal(0.02)(rngs.params(), shape))
         self.down = nnx.Param(normal(residual_std(config))(
-            rngs.params(), (config.num_experts, config.expert_ffn_dim, config.model_dim)))  # writes into the residual stream
+            rngs.params(), (config.num_experts, config.expert_ffn_dim, config.model_dim)))  # into the residual stream
 
     def __call__(self, rows, experts):
         """Expert experts[i] on the rows rows[i] (count_i, model_dim), for every i: the list of their outputs."""
         # each expert's matrices, gate[e] and so on; e may be computed under jit (a dynamic slice)
         gate, up, down = self.gate[...], self.up[...], self.down[...]
-        return [(jax.nn.silu(x @ gate[e]) * (x @ up[e])) @ down[e] for x, e in zip(rows, experts)]  # (count_i, model_dim)
+        return [(jax.nn.silu(x @ gate[e]) * (x @ up[e])) @ down[e] for x, e in zip(rows, experts)]  # (count_i, ..)
 
 
 def balance_stats(logits, probs, chosen, num_experts):
@@ -290,7 +290,7 @@ class SparseMoE(nnx.Module):
         probs = jax.nn.softmax(logits, axis=-1)
         chosen = jax.lax.top_k(probs + expert_bias, self.experts_per_token)[1]  # (tokens, experts_per_token)
         weights = jnp.take_along_axis(probs, chosen, axis=-1)  # (tokens, experts_per_token) the chosen probabilities
-        if self.normalize_top_k:  # p_i / sum_chosen p_j = e^(l_i) / sum_chosen e^(l_j): a softmax over the chosen logits
+        if self.normalize_top_k:  # p_i / sum_chosen p_j = e^l_i / sum_chosen e^l_j: a softmax over the chosen logits
             weights = weights / weights.sum(-1, keepdims=True)
         return logits, probs, chosen, weights
 

@@ -1,4 +1,4 @@
-"""A mixture of experts in PyTorch, in one file: Mixtral's sparse decoder-only transformer, trained to predict the next byte/token.
+"""A mixture of experts in PyTorch, in one file: Mixtral's sparse transformer, trained to predict the next byte/token.
 
 A Llama (RMSNorm, RoPE, grouped-query attention, KV cache: llama_torch.py's, written out again here) whose
 feed-forward network is a sparse mixture of experts:
@@ -221,7 +221,7 @@ class SwiGLU(nn.Module):
 
 class Experts(nn.Module):
     """num_experts SwiGLU networks, their weights stacked along a first axis as (in, out) matrices: expert e is
-    down[e](silu(gate[e](x)) * up[e](x)). Stacked, the jax twin can pick an expert with an index computed under jit."""
+    down[e](silu(gate[e](x)) * up[e](x)). Stacked, so that jax's dispatch can pick an expert by a computed index."""
 
     def __init__(self, config):
         super().__init__()
@@ -229,14 +229,14 @@ class Experts(nn.Module):
         self.gate = nn.Parameter(torch.randn(shape) * 0.02)
         self.up = nn.Parameter(torch.randn(shape) * 0.02)
         self.down = nn.Parameter(torch.randn(config.num_experts, config.expert_ffn_dim, config.model_dim)
-                                 * residual_std(config))  # writes into the residual stream
+                                 * residual_std(config))  # into the residual stream
 
     def forward(self, rows, experts):
         """Expert experts[i] on the rows rows[i] (count_i, model_dim), for every i: the list of their outputs."""
         # views of each expert's matrices, gate[e] and so on: backward stacks their gradients once (indexing
         # self.gate[e] would add a zero-filled gradient of every expert per expert)
         gate, up, down = self.gate.unbind(0), self.up.unbind(0), self.down.unbind(0)
-        return [(F.silu(x @ gate[e]) * (x @ up[e])) @ down[e] for x, e in zip(rows, experts)]  # (count_i, model_dim)
+        return [(F.silu(x @ gate[e]) * (x @ up[e])) @ down[e] for x, e in zip(rows, experts)]  # (count_i, ..)
 
 
 def balance_stats(logits, probs, chosen, num_experts):
@@ -278,7 +278,7 @@ class SparseMoE(nn.Module):
         probs = F.softmax(logits, dim=-1)
         chosen = torch.topk(probs + expert_bias, self.experts_per_token, dim=-1).indices  # (tokens, experts_per_token)
         weights = probs.gather(-1, chosen)  # (tokens, experts_per_token) the chosen experts' probabilities
-        if self.normalize_top_k:  # p_i / sum_chosen p_j = e^(l_i) / sum_chosen e^(l_j): a softmax over the chosen logits
+        if self.normalize_top_k:  # p_i / sum_chosen p_j = e^l_i / sum_chosen e^l_j: a softmax over the chosen logits
             weights = weights / weights.sum(-1, keepdim=True)
         return logits, probs, chosen, weights
 
