@@ -27,13 +27,16 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 
 # jax's persistent compilation cache, shared by this process and the scripts it starts: a computation compiled once
 # (the same tiny model recurs in many tests) is loaded, not compiled again. A fresh, empty one for every run.
-JAX_CACHE = tempfile.mkdtemp(prefix="jax_cache_")
-atexit.register(shutil.rmtree, JAX_CACHE, ignore_errors=True)
+# The runner's two workers (see main) use the runner's.
+JAX_CACHE = os.environ.get("TEST_ALL_JAX_CACHE") or tempfile.mkdtemp(prefix="jax_cache_")
+if "TEST_ALL_JAX_CACHE" not in os.environ:
+    atexit.register(shutil.rmtree, JAX_CACHE, ignore_errors=True)
 os.environ.update(JAX_COMPILATION_CACHE_DIR=JAX_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
@@ -53,6 +56,8 @@ import gpt_torch  # noqa: E402
 import llama_jax  # noqa: E402
 import llama_torch  # noqa: E402
 import make_stories  # noqa: E402  (data/make_stories.py)
+import moe_jax  # noqa: E402
+import moe_torch  # noqa: E402
 
 STORIES = os.path.join(ROOT, "data", "stories.txt")
 FLOOR = os.path.join(ROOT, "data", "stories.txt.floor.json")
@@ -217,9 +222,10 @@ def assert_cli_refuses(modules, family_cases, user_runs):
             assert result.stdout == "" and "Traceback" not in result.stderr
 
 
-def assert_smoke_runs(scripts, *args):
+def assert_smoke_runs(scripts, *args, eval_suffix=""):
     """The twins as a user runs them, side by side (tiny model, 40 steps): exit status 0, the logged loss falls
-    from about ln 256 = 5.5 to below 3.5, an eval line, a sample, a checkpoint."""
+    from about ln 256 = 5.5 to below 3.5, an eval line (ending with eval_suffix, a regex, after the bits per byte),
+    a sample, a checkpoint. Returns the runs' CompletedProcess results."""
     with tempfile.TemporaryDirectory() as tmp:
         common = [f"--data={write_tiny_corpus(tmp)}", "--seq_len=32", "--model_dim=64", "--batch_size=8", "--steps=40",
                   "--warmup_steps=5", "--learning_rate=3e-3", "--log_interval=5", "--eval_interval=40",
@@ -229,9 +235,11 @@ def assert_smoke_runs(scripts, *args):
             assert result.returncode == 0, result.stderr
             losses = parse_losses(result.stdout)
             assert len(losses) == 8 and losses[-1] < losses[0] - 2.0, (script, losses)
-            assert re.search(r"^eval step +40 \| train [0-9.]+ \| val [0-9.]+ \| val bpb [0-9.]+$", result.stdout, re.M)
+            assert re.search(r"^eval step +40 \| train [0-9.]+ \| val [0-9.]+ \| val bpb [0-9.]+" + eval_suffix + "$",
+                             result.stdout, re.M), result.stdout[-500:]
             assert "\nsample:\n" in result.stdout
             assert os.path.exists(f"{tmp}/{script}/ckpt." + ("pt" if "torch" in script else "npz"))
+        return results
 
 
 def parse_losses(stdout):
@@ -608,11 +616,12 @@ def test_gpt_jax_checkpoint_resume_equals_uninterrupted():
         rng = np.random.default_rng(config.seed)
         params, opt_state, first = train(params, opt_state, rng, range(5))
         os.makedirs(config.out_dir)
-        gpt_jax.save_checkpoint(params, opt_state, 5, rng, config)
+        gpt_jax.save_checkpoint({"params": params, "opt_state": opt_state}, 5, rng, config)
         checkpoint = gpt_jax.open_checkpoint(dataclasses.replace(config, resume=True))
         _, params, opt_state = fresh()
         rng = np.random.default_rng(12345)  # the checkpoint puts the data stream back
-        params, opt_state, step = gpt_jax.restore_checkpoint(checkpoint, params, opt_state, rng, config)
+        saved, step = gpt_jax.restore_checkpoint(checkpoint, {"params": params, "opt_state": opt_state}, rng, config)
+        params, opt_state = saved["params"], saved["opt_state"]
         params, _, second = train(params, opt_state, rng, range(step, 10))
         assert step == 5 and first + second == whole
         assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(whole_params), jax.tree.leaves(params)))
@@ -1225,10 +1234,578 @@ def test_llama_resume_equals_uninterrupted():
 
 
 # -----------------------------------------------------------------------------
+# Mixture of experts: moe_torch.py and moe_jax.py
+
+
+# ---- MoE helpers ------------------------------------------------------------------------------------------------
+
+def moe_config(module, **overrides):
+    fields = dict(vocab_size=61, seq_len=16, num_layers=2, num_heads=4, num_kv_heads=2, model_dim=32, num_experts=4,
+                  experts_per_token=2, expert_ffn_dim=16)
+    fields.update(overrides)
+    return module.Config(**fields)
+
+
+def build_moe_pair(config_overrides, seed=0, expert_bias=None):
+    """The same MoE in both frameworks, as build_llama_pair: torch initializes, the weights are copied into jax, the
+    RMSNorm weights are moved off 1. expert_bias, (num_layers, num_experts), is not a parameter: set in both here."""
+    torch.set_num_threads(1)  # tiny models: a second thread only waits, and stalls on a busy 2-core machine
+    torch.manual_seed(seed)
+    torch_model = moe_torch.MoE(moe_config(moe_torch, **config_overrides)).eval()
+    with torch.no_grad():
+        for name, parameter in torch_model.named_parameters():
+            if parameter.ndim == 1:
+                parameter.uniform_(0.5, 1.5)
+    jax_model = moe_jax.MoE(moe_config(moe_jax, **config_overrides), nnx.Rngs(seed))
+    copy_torch_to_jax(torch_model, jax_model)
+    if expert_bias is not None:
+        torch_model.expert_bias.copy_(torch.from_numpy(np.float32(expert_bias)))
+        jax_model.expert_bias[...] = jnp.asarray(np.float32(expert_bias))
+    return torch_model, jax_model
+
+
+def build_moe_layer_pair(seed=0, **config_overrides):
+    """One SparseMoE layer in both frameworks with the same N(0, 0.3) weights: large enough that its output is of
+    order 1, so that an absolute tolerance means something."""
+    torch.set_num_threads(1)
+    torch_layer = moe_torch.SparseMoE(moe_config(moe_torch, **config_overrides))
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        for parameter in torch_layer.parameters():
+            parameter.copy_(torch.from_numpy(rng.normal(0, 0.3, parameter.shape).astype(np.float32)))
+    jax_layer = moe_jax.SparseMoE(moe_config(moe_jax, **config_overrides), nnx.Rngs(seed))
+    copy_torch_to_jax(torch_layer, jax_layer)
+    return torch_layer, jax_layer
+
+
+def route_both(torch_layer, jax_layer, x, expert_bias):
+    """route(x, expert_bias) of both frameworks' layers, as two tuples of numpy arrays (logits, probs, chosen,
+    weights)."""
+    with torch.no_grad():
+        torch_route = torch_layer.route(torch.from_numpy(np.float32(x)), torch.from_numpy(np.float32(expert_bias)))
+    jax_route = jax_layer.route(jnp.asarray(np.float32(x)), jnp.asarray(np.float32(expert_bias)))
+    return [t.numpy() for t in torch_route], [np.asarray(a) for a in jax_route]
+
+
+@nnx.jit  # compiled: one compile instead of one per operation
+def jax_dispatch(layer, x, expert_bias):
+    """A jax SparseMoE's routing of x, (tokens, model_dim), and the sparse and dense dispatch of that routing."""
+    logits, probs, chosen, weights = layer.route(x, expert_bias)
+    return chosen, layer.sparse_experts(x, chosen, weights), layer.dense_experts(x, chosen, weights)
+
+
+def moe_layer_outputs(torch_layer, jax_layer, x, expert_bias):
+    """The module call of both frameworks' layers on x, (tokens, model_dim) numpy: (torch's, jax's) outputs."""
+    x, expert_bias = np.float32(x[None]), np.float32(expert_bias)
+    with torch.no_grad():
+        torch_out, _ = torch_layer(torch.from_numpy(x), torch.from_numpy(expert_bias))
+    jax_out = nnx.jit(lambda layer, x, expert_bias: layer(x, expert_bias)[0])(jax_layer, x, expert_bias)
+    return torch_out[0].numpy(), np.asarray(jax_out[0])
+
+
+def numpy_softmax(logits):
+    exp = np.exp(logits - logits.max(-1, keepdims=True))
+    return exp / exp.sum(-1, keepdims=True)
+
+
+def numpy_swiglu(x, gate, up, down):
+    """down(silu(x @ gate) * (x @ up)), weights as (in, out) matrices."""
+    hidden = x @ gate
+    return (hidden / (1 + np.exp(-hidden)) * (x @ up)) @ down
+
+
+def numpy_moe_layer(layer, x, expert_bias):
+    """A torch SparseMoE's output written out again in float64 numpy, token by token, from its weights: softmax
+    router, top experts_per_token of probs + bias, weights the chosen probabilities (renormalised with
+    normalize_top_k), plus sigmoid(x @ shared_gate) * the shared SwiGLU."""
+    weight = lambda linear: linear.weight.detach().double().numpy().T  # (in, out)
+    gate, up, down = (p.detach().double().numpy() for p in (layer.experts.gate, layer.experts.up, layer.experts.down))
+    probs = numpy_softmax(x @ weight(layer.router))
+    out = np.zeros_like(x)
+    for token in range(len(x)):
+        chosen = np.argsort(-(probs[token] + expert_bias))[: layer.experts_per_token]
+        weights = probs[token, chosen] / (probs[token, chosen].sum() if layer.normalize_top_k else 1)
+        for expert, w in zip(chosen, weights):
+            out[token] += w * numpy_swiglu(x[token], gate[expert], up[expert], down[expert])
+    if layer.shared is not None:
+        shared = numpy_swiglu(x, weight(layer.shared.gate), weight(layer.shared.up), weight(layer.shared.down))
+        out += shared / (1 + np.exp(-(x @ weight(layer.shared_gate))))
+    return out
+
+
+def moe_parameters(vocab_size, model_dim, kv_dim, num_layers, num_experts, experts_per_token, expert_ffn_dim,
+                   num_shared_experts=0, tied=False):
+    """(total, active per token) by hand: attention's query and out (model_dim^2 each), key and value (model_dim x
+    kv_dim each), two RMSNorms and the router (model_dim x num_experts) per block; 3 matrices per expert and, with
+    shared experts, one SwiGLU of num_shared_experts * expert_ffn_dim and its gate (model_dim); embedding, final
+    norm, head. A token skips num_experts - experts_per_token experts per block."""
+    expert = 3 * model_dim * expert_ffn_dim
+    shared = 3 * model_dim * num_shared_experts * expert_ffn_dim + model_dim if num_shared_experts else 0
+    block = 2 * model_dim**2 + 2 * model_dim * kv_dim + 2 * model_dim + model_dim * num_experts + \
+        num_experts * expert + shared
+    total = (1 if tied else 2) * vocab_size * model_dim + num_layers * block + model_dim
+    return total, total - num_layers * (num_experts - experts_per_token) * expert
+
+
+# The sizes of the skeleton's TINY runs (vocab_size 256: a text corpus; the default 8 experts of width 176), used by
+# the training test, the smoke run and the resume test too: what jax compiles for one of them (the train and eval
+# steps), the others load from the compilation cache (the same shapes and balancing options make the same program).
+MOE_RUN = dict(vocab_size=256, seq_len=16, model_dim=32, num_layers=1, batch_size=4, num_experts=8, expert_ffn_dim=176)
+MOE_RUN_ARGS = [f"--{name}={value}" for name, value in MOE_RUN.items() if name != "vocab_size"]
+# Qwen2-MoE's layer (a shared expert, the chosen experts' weights not renormalised) and tied embeddings: the model of
+# the first tests, whose compiled forward pass test_moe_torch_jax_parity reuses
+MOE_SHARED = dict(num_shared_experts=1, normalize_top_k=False, tie_embeddings=True)
+
+
+# ---- model ------------------------------------------------------------------------------------------------------
+
+def test_moe_shapes_initial_loss_and_causality():
+    """Shapes of the logits and the router statistics; loss near ln 61 at init; changing the tokens after position
+    t leaves the logits at positions <= t unchanged (routing is per token: no token's expert choice leaks)."""
+    torch_model, jax_model = build_moe_pair(MOE_SHARED)
+    rng = np.random.default_rng(1)
+    tokens, targets = rng.integers(0, 61, size=(2, 2, 16))
+    changed = tokens.copy()
+    changed[:, 9:] = rng.integers(0, 61, size=(2, 7))
+    with torch.no_grad():
+        outputs = [torch_model(torch.from_numpy(t), torch.from_numpy(targets)) for t in (tokens, changed)]
+    outputs = [[logits.numpy(), loss.item(), [s.numpy() for s in stats]] for logits, loss, stats in outputs]
+    jax_outputs = [jax_forward(jax_model, jnp.asarray(t), jnp.asarray(targets)) for t in (tokens, changed)]
+    outputs += [[np.asarray(logits), float(loss), [np.asarray(s) for s in stats]]
+                for logits, loss, stats in jax_outputs]
+    for logits, loss, (load, aux_loss, z_loss) in outputs:
+        assert logits.shape == (2, 16, 61) and load.shape == (2, 4) and aux_loss.shape == z_loss.shape == ()
+        assert abs(loss - math.log(61)) < 0.2  # N(0, 0.02) init: near-uniform predictions
+        assert np.issubdtype(load.dtype, np.integer) and np.all(load.sum(1) == 2 * 16 * 2)  # tokens * experts_per_token
+        assert 0.95 < aux_loss < 1.1 and abs(z_loss - math.log(4) ** 2) < 0.1  # near-uniform router at init
+    for (before, *_), (after, *_) in (outputs[:2], outputs[2:]):
+        assert np.allclose(before[:, :9], after[:, :9], atol=1e-5)
+        assert not np.allclose(before[:, 9:], after[:, 9:], atol=1e-3)  # the change is seen
+
+
+def test_moe_torch_jax_parity():
+    """The same weights (and expert biases) give the same logits, loss, expert load, aux loss and z-loss in both
+    frameworks: 1 shared expert, top-2 weights not renormalised, tied embeddings; 2 shared experts, the top 1
+    (renormalised: weight 1), multi-query attention, QK-norm, a nonzero expert bias, which changes the choice of
+    experts. (No shared expert, top-2 renormalised: test_moe_training_steps_match_across_frameworks.)"""
+    bias = np.random.default_rng(5).normal(0, 0.05, (2, 4))
+    cases = [(MOE_SHARED, None), (dict(num_shared_experts=2, num_kv_heads=1, qk_norm=True, experts_per_token=1), bias)]
+    for overrides, expert_bias in cases:
+        torch_model, jax_model = build_moe_pair(overrides, expert_bias=expert_bias)
+        tokens = np.random.default_rng(2).integers(0, 61, size=(2, 17))
+        x, y = tokens[:, :-1], tokens[:, 1:]
+        with torch.no_grad():
+            logits, loss, (load, aux_loss, z_loss) = torch_model(torch.from_numpy(x), torch.from_numpy(y))
+        jax_logits, jax_loss, (jax_load, jax_aux_loss, jax_z_loss) = jax_forward(jax_model, jnp.asarray(x),
+                                                                                  jnp.asarray(y))
+        assert np.abs(logits.numpy() - np.asarray(jax_logits)).max() < 1e-4, overrides
+        assert abs(loss.item() - float(jax_loss)) < 1e-4, overrides
+        assert np.array_equal(load.numpy(), np.asarray(jax_load)), overrides
+        assert abs(aux_loss.item() - float(jax_aux_loss)) < 1e-5 and abs(z_loss.item() - float(jax_z_loss)) < 1e-5
+        assert np.abs(logits.numpy()).max() > 0.1  # the comparison is not between two near-zero outputs
+        if expert_bias is not None:  # the bias changed which experts run
+            with torch.no_grad():
+                torch_model.expert_bias.zero_()
+                assert not torch.equal(torch_model(torch.from_numpy(x))[2][0], load), overrides
+
+
+def max_weight_difference(torch_model, jax_model):
+    """The largest difference between a torch model's weights and a jax model's, matched by name as
+    copy_torch_to_jax matches them."""
+    twin = nnx.clone(jax_model)
+    copy_torch_to_jax(torch_model, twin)
+    return max(np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in zip(
+        jax.tree.leaves(nnx.state(twin, nnx.Param)), jax.tree.leaves(nnx.state(jax_model, nnx.Param))))
+
+
+def test_moe_training_steps_match_across_frameworks():
+    """Three AdamW steps from the same weights on the same batches agree three ways: the torch step written out
+    here (objective loss + z_loss_weight * z_loss, + aux_loss_weight * aux_loss with balance=aux_loss; with
+    balance=bias, then bias += bias_update_rate * sign(mean load - load)), moe_torch.make_steps and
+    moe_jax.make_steps; so do the evaluation losses and loads after them. Both balance modes: the losses,
+    (aux_loss, z_loss), every weight and the expert biases (nonzero after the steps with balance=bias, still zero
+    with aux_loss) agree. MOE_RUN's sizes: the runs of main() in later tests load these compiled steps."""
+    for balance in ("aux_loss", "bias"):
+        overrides = dict(MOE_RUN, steps=3, warmup_steps=2, learning_rate=1e-2, min_learning_rate=1e-3,
+                         num_shared_experts=0, balance=balance)
+        by_hand, jax_model = build_moe_pair(overrides)
+        config = moe_config(moe_torch, **overrides)
+        stepped = moe_torch.MoE(config)
+        stepped.load_state_dict(by_hand.state_dict())
+        by_hand.train(), stepped.train()
+        optimizer = moe_torch.make_optimizer(by_hand, config)
+        torch_step, torch_eval = moe_torch.make_steps(stepped, moe_torch.make_optimizer(stepped, config), config)
+        jax_optimizer = moe_jax.make_optimizer(moe_config(moe_jax, **overrides))
+        graphdef, params, expert_bias, buffers = nnx.split(jax_model, nnx.Param, moe_jax.ExpertBias, ...)
+        params, expert_bias, buffers = (nnx.to_pure_dict(s) for s in (params, expert_bias, buffers))
+        opt_state = jax_optimizer.init(params)
+        jax_step, jax_eval = moe_jax.make_steps(graphdef, buffers, jax_optimizer, moe_config(moe_jax, **overrides))
+        batches = np.random.default_rng(3).integers(0, 256, size=(4, MOE_RUN["batch_size"], MOE_RUN["seq_len"]))
+        for step, x in enumerate(batches[:3]):
+            y = np.roll(x, -1, axis=1)
+            learning_rate = moe_torch.learning_rate_at(step, config)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate
+            _, loss, (load, aux_loss, z_loss) = by_hand(torch.from_numpy(x), torch.from_numpy(y))
+            objective = loss + 1e-3 * z_loss + (0.01 * aux_loss if balance == "aux_loss" else 0)  # Config's weights
+            optimizer.zero_grad()
+            objective.backward()
+            torch.nn.utils.clip_grad_norm_(by_hand.parameters(), 1.0)
+            optimizer.step()
+            if balance == "bias":
+                load = load.numpy()
+                by_hand.expert_bias += torch.from_numpy(np.float32(1e-3 * np.sign(load.mean(1, keepdims=True) - load)))
+            stepped_loss, stepped_balance = torch_step(x, y, learning_rate)
+            params, opt_state, expert_bias, jax_loss, jax_balance = jax_step(
+                params, opt_state, expert_bias, x.astype(np.int32), y.astype(np.int32), learning_rate)
+            assert abs(loss.item() - stepped_loss.item()) < 1e-6 and abs(loss.item() - float(jax_loss)) < 1e-4
+            assert np.allclose(stepped_balance.numpy(), [aux_loss.item(), z_loss.item()], atol=1e-6)
+            assert np.allclose(np.asarray(jax_balance), [aux_loss.item(), z_loss.item()], atol=1e-5)
+        x, y = batches[3], np.roll(batches[3], -1, axis=1)  # then an evaluation
+        (loss, load), (jax_loss, jax_load) = torch_eval(x, y), jax_eval(params, expert_bias, x, y)
+        assert abs(loss.item() - float(jax_loss)) < 1e-4 and np.array_equal(load.numpy(), np.asarray(jax_load))
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(by_hand.parameters(), stepped.parameters()))
+        nnx.update(jax_model, params, expert_bias)
+        assert max_weight_difference(by_hand, jax_model) < 2e-4, balance  # Adam scales a gradient near 0 up to lr
+        bias = by_hand.expert_bias.numpy()
+        assert np.array_equal(stepped.expert_bias.numpy(), bias)
+        assert np.allclose(np.asarray(jax_model.expert_bias[...]), bias, atol=1e-7)
+        assert np.any(bias != 0) if balance == "bias" else np.all(bias == 0)
+
+
+def test_moe_sparse_dispatch_equals_dense_reference():
+    """The dropless dispatch (sort the assignments by expert, run each expert once on its slice; jax: padded to
+    blocks of static shape, under jit) gives the dense reference path's output (every expert on every token,
+    masked): 32 tokens; an expert that receives no token; every token on one expert; a single token."""
+    torch_layer, jax_layer = build_moe_layer_pair(normalize_top_k=False)
+    x = np.random.default_rng(6).standard_normal((32, 32)).astype(np.float32)
+    idle, busy = np.zeros(4, np.float32), np.zeros(4, np.float32)
+    idle[2], busy[1] = -10, 10  # expert 2 never chosen; expert 1 always
+    for tokens, expert_bias in ((x, np.zeros(4, np.float32)), (x, idle), (x, busy), (x[:1], np.zeros(4, np.float32))):
+        with torch.no_grad():
+            _, _, chosen, weights = torch_layer.route(torch.from_numpy(tokens), torch.from_numpy(expert_bias))
+            sparse = torch_layer.sparse_experts(torch.from_numpy(tokens), chosen, weights).numpy()
+            dense = torch_layer.dense_experts(torch.from_numpy(tokens), chosen, weights).numpy()
+        jax_chosen, jax_sparse, jax_dense = jax_dispatch(jax_layer, tokens, expert_bias)
+        assert np.array_equal(chosen.numpy(), np.asarray(jax_chosen))
+        counts = np.bincount(chosen.reshape(-1), minlength=4)
+        assert counts[2] == 0 if expert_bias[2] < 0 else counts[1] == len(tokens) if expert_bias[1] > 0 else True
+        assert np.abs(dense).max() > 0.5  # outputs of order 1: the tolerance is relative enough
+        for out in (sparse, np.asarray(jax_sparse), np.asarray(jax_dense)):
+            assert np.abs(out - dense).max() < 1e-5, (len(tokens), expert_bias)
+
+
+def test_moe_routing_chooses_top_k_with_softmax_weights():
+    """Every token gets experts_per_token distinct experts, the largest probabilities plus bias (numpy argsort);
+    with normalize_top_k the weights sum to 1 and equal a softmax over the chosen logits alone; without, they are
+    the softmax probabilities of the chosen experts; the bias shifts the choice, never the weights. Both
+    frameworks, against numpy."""
+    x = np.random.default_rng(7).standard_normal((32, 32)).astype(np.float32)
+    for normalize_top_k, experts_per_token in ((True, 2), (False, 2), (True, 3), (False, 1)):
+        torch_layer, jax_layer = build_moe_layer_pair(normalize_top_k=normalize_top_k,
+                                                      experts_per_token=experts_per_token)
+        logits_by_hand = x.astype(np.float64) @ torch_layer.router.weight.detach().double().numpy().T
+        probs_by_hand = numpy_softmax(logits_by_hand)
+        expert_bias = np.array([0.0, 0.2, 0.0, -0.1])  # changes the choice of some tokens
+        for logits, probs, chosen, weights in route_both(torch_layer, jax_layer, x, expert_bias):
+            assert chosen.shape == weights.shape == (32, experts_per_token)
+            assert all(len(set(row)) == experts_per_token for row in chosen)
+            assert np.allclose(logits, logits_by_hand, atol=1e-5) and np.allclose(probs, probs_by_hand, atol=1e-6)
+            expected = np.argsort(-(probs_by_hand + expert_bias), axis=1)[:, :experts_per_token]
+            assert np.array_equal(np.sort(chosen, 1), np.sort(expected, 1))
+            unbiased = np.argsort(-probs_by_hand, axis=1)[:, :experts_per_token]
+            assert not np.array_equal(np.sort(chosen, 1), np.sort(unbiased, 1))  # the bias changed some choices
+            chosen_probs = np.take_along_axis(probs_by_hand, chosen, 1)
+            if normalize_top_k:
+                assert np.allclose(weights.sum(1), 1, atol=1e-6)
+                assert np.allclose(weights, numpy_softmax(np.take_along_axis(logits_by_hand, chosen, 1)), atol=1e-6)
+            else:
+                assert np.allclose(weights, chosen_probs, atol=1e-6)
+
+
+def test_moe_balance_stats():
+    """balance_stats against numpy on random logits: load = assignments per expert, aux = num_experts * sum_i f_i
+    P_i, z = mean logsumexp(logits)^2. Routing by a zero router (uniform probabilities) gives aux exactly 1; a
+    router that sends every token to expert 0 with probability near 1 (experts_per_token 1) gives aux near
+    num_experts = 4."""
+    rng = np.random.default_rng(8)
+    logits = (rng.normal(0, 2, (32, 4)) + [1, 0, 0, -1]).astype(np.float32)
+    probs = numpy_softmax(logits.astype(np.float64))
+    chosen = np.argsort(-probs, axis=1)[:, :2]
+    load = np.bincount(chosen.reshape(-1), minlength=4)
+    aux_loss = 4 * np.sum(load / 64 * probs.mean(0))
+    z_loss = np.mean(np.log(np.exp(logits.astype(np.float64)).sum(1)) ** 2)
+    arrays = logits, np.float32(probs), chosen
+    torch_stats = moe_torch.balance_stats(*(torch.from_numpy(a) for a in arrays), 4)
+    jax_stats = moe_jax.balance_stats(*(jnp.asarray(a) for a in arrays), 4)
+    for stats in (torch_stats, jax_stats):
+        assert np.array_equal(np.asarray(stats[0]), load)
+        assert abs(float(stats[1]) - aux_loss) < 1e-5 and abs(float(stats[2]) - z_loss) < 1e-4, (stats, aux_loss)
+    assert aux_loss > 1.05  # random logits: not the uniform value
+    x = rng.standard_normal((32, 32)).astype(np.float32)
+    x[:, 0] = 1
+    for experts_per_token, router, expected in ((2, 0, 1.0), (1, 30, 4.0)):
+        torch_layer, jax_layer = build_moe_layer_pair(experts_per_token=experts_per_token)
+        weight = np.zeros((4, 32), np.float32)
+        weight[0, 0] = router  # expert 0's logit 30 for every token, the others 0: p_0 = 1 - 3e-13
+        with torch.no_grad():
+            torch_layer.router.weight.copy_(torch.from_numpy(weight))
+        jax_layer.router.kernel[...] = jnp.asarray(weight.T)
+        for module, route in zip((moe_torch, moe_jax), route_both(torch_layer, jax_layer, x, np.zeros(4))):
+            as_array = torch.from_numpy if module is moe_torch else jnp.asarray
+            load, aux_loss, _ = module.balance_stats(*(as_array(a) for a in route[:3]), 4)
+            assert abs(float(aux_loss) - expected) < 1e-5, (module.__name__, float(aux_loss), expected)
+            assert experts_per_token == 2 or np.array_equal(np.asarray(load), [32, 0, 0, 0])
+
+
+def test_moe_layer_equals_a_formula_by_hand():
+    """The SparseMoE layer's output, in both frameworks, equals: with one expert chosen out of one and no shared
+    expert, a plain SwiGLU of its weights; with shared experts, the routed experts' weighted sum plus
+    sigmoid(x @ shared_gate) * SwiGLU_shared(x); every case against numpy_moe_layer, written token by token."""
+    x = np.random.default_rng(9).standard_normal((32, 32))
+    for overrides in (dict(num_experts=1, experts_per_token=1), dict(num_shared_experts=1, experts_per_token=3),
+                      dict(num_shared_experts=2, normalize_top_k=False)):
+        torch_layer, jax_layer = build_moe_layer_pair(**overrides)
+        expected = numpy_moe_layer(torch_layer, x, np.zeros(overrides.get("num_experts", 4)))
+        if overrides.get("num_experts") == 1:  # the plain feed-forward network, no routing at all
+            experts = torch_layer.experts
+            gate, up, down = (p.detach().double().numpy()[0] for p in (experts.gate, experts.up, experts.down))
+            assert np.allclose(expected, numpy_swiglu(x, gate, up, down), atol=1e-9)
+        assert np.abs(expected).max() > 0.5
+        for out in moe_layer_outputs(torch_layer, jax_layer, x, np.zeros(overrides.get("num_experts", 4))):
+            assert np.abs(out - expected).max() < 1e-4, overrides
+
+
+def test_moe_bias_balancing_evens_the_load():
+    """DeepSeek-V3's balancing: a router made to prefer expert 0 (4 experts, 1 per token: over 2x its uniform share
+    at first, another expert under 0.5x); 300 bias updates on a fixed batch of tokens (route, balance_stats,
+    bias_update) bring every expert's load between 0.5x and 2x of uniform, the same in both frameworks. The
+    weights of the chosen experts (normalize_top_k=false) stay the router's probabilities, with no bias in them."""
+    overrides = dict(experts_per_token=1, normalize_top_k=False)
+    torch_layer, jax_layer = build_moe_layer_pair(**overrides)
+    rng = np.random.default_rng(10)
+    weight = rng.normal(0, 0.1, (4, 32)).astype(np.float32)
+    weight[0] += 0.1  # x has a positive mean, so expert 0's logit is larger for most tokens
+    with torch.no_grad():
+        torch_layer.router.weight.copy_(torch.from_numpy(weight))
+    jax_layer.router.kernel[...] = jnp.asarray(weight.T)
+    x = (rng.standard_normal((256, 32)) + 0.3).astype(np.float32)  # uniform load: 256 / 4 = 64 per expert
+    torch_config, jax_config = moe_config(moe_torch, **overrides), moe_config(moe_jax, **overrides)
+
+    @jax.jit
+    def jax_update(bias):  # the routing with this bias, and the bias after one update
+        logits, probs, chosen, weights = jax_layer.route(jnp.asarray(x), bias)
+        return bias + moe_jax.bias_update(moe_jax.balance_stats(logits, probs, chosen, 4)[0], jax_config), \
+            (probs, chosen, weights)
+
+    bias, jax_bias = torch.zeros(4), jnp.zeros(4)
+    with torch.no_grad():
+        for i in range(300):
+            logits, probs, chosen, _ = torch_layer.route(torch.from_numpy(x), bias)
+            load = moe_torch.balance_stats(logits, probs, chosen, 4)[0]
+            if i == 0:
+                assert load.max() > 2 * 64 and load.min() < 0.5 * 64, load
+            bias = bias + moe_torch.bias_update(load, torch_config)
+            jax_bias, _ = jax_update(jax_bias)
+        _, probs, chosen, weights = torch_layer.route(torch.from_numpy(x), bias)
+    assert np.allclose(bias.numpy(), np.asarray(jax_bias), atol=1e-5)
+    _, jax_route = jax_update(jax_bias)
+    for probs, chosen, weights in ((probs.numpy(), chosen.numpy(), weights.numpy()), map(np.asarray, jax_route)):
+        load = np.bincount(chosen.reshape(-1), minlength=4)
+        assert 0.5 * 64 <= load.min() and load.max() <= 2 * 64, load
+        assert np.allclose(weights, np.take_along_axis(probs, chosen, 1), atol=1e-7)
+    assert bias[0] < -0.05  # the busy expert's bias went down
+
+
+def test_moe_kv_cache_and_generate_match_full_forward():
+    """Prefill a prompt into the cache, then (torch) a chunk of 4 tokens, then one token at a time: each step's
+    logits equal those of one full forward pass over the same tokens (routing, per token, is the same either way),
+    past seq_len into max_len with YaRN factor 2. Greedy sampling (top_k=1) picks the same tokens with the cache as by
+    rerunning the whole context, as a slow reference built from full forward passes does, past max_len (where the
+    cached path keeps the last half of the context)."""
+    bias = np.random.default_rng(11).normal(0, 0.05, (1, 4))
+    torch_model, jax_model = build_moe_pair(dict(rope_scaling=2.0, num_kv_heads=1, qk_norm=True, num_layers=1,
+                                                 num_shared_experts=1), expert_bias=bias)
+    length, prompt = torch_model.max_len, 5
+    tokens = np.random.default_rng(3).integers(0, 61, size=(2, length))
+    graphdef, state = nnx.split(jax_model)
+
+    @jax.jit  # as generation runs it: compiled once per chunk length
+    def jax_step(state, tokens, cache, position):
+        logits, _, _ = nnx.merge(graphdef, state)(tokens, cache=cache, position=position)
+        return logits, cache
+
+    torch_cache, jax_cache = torch_model.new_cache(2), jax_model.new_cache(2)
+    torch_steps, jax_steps = [], []
+    chunks = [(0, prompt), (prompt, prompt + 4)] + [(start, start + 1) for start in range(prompt + 4, length)]
+    for start, end in chunks:
+        torch_steps.append(torch_logits(torch_model, tokens[:, start:end], cache=torch_cache, position=start))
+    # jax: the prompt, then one token at a time (as its generate does; jax has no special case for a chunk)
+    for start, end in [(0, prompt + 4)] + chunks[2:]:
+        logits, jax_cache = jax_step(state, tokens[:, start:end], jax_cache, start)
+        jax_steps.append(np.asarray(logits))
+    full = torch_logits(torch_model, tokens)  # (2, length, vocab_size)
+    assert np.abs(np.concatenate(torch_steps, axis=1) - full).max() < 1e-5
+    assert np.abs(np.concatenate(jax_steps, axis=1) - full).max() < 1e-5  # the same weights in both frameworks
+    # a prompt of max_len / 2 tokens: the prefill has the shape of the later ones, and jax compiles it once
+    reference, start = list(tokens[0, : length // 2]), 0  # start: where the cached context begins
+    for _ in range(2 * length):
+        if len(reference) - start > length:  # the cache is full: keep the last half
+            start = len(reference) - length // 2
+        reference.append(int(torch_logits(torch_model, [reference[start:]])[0, -1].argmax()))
+    for generate in (lambda *args, **kw: moe_torch.generate(torch_model, reference[: length // 2], *args, 1.0, 1, **kw),
+                     lambda *args, **kw: moe_jax.generate(jax_model, reference[: length // 2], *args, 1.0, 1,
+                                                          jax.random.key(0), **kw)):
+        assert generate(length // 2, use_cache=False) == reference[:length]
+        assert generate(2 * length, use_cache=True) == reference
+    assert len(set(reference[length // 2 :])) > 3  # not one token over and over
+
+
+def test_moe_parameter_count_and_init():
+    """Total and active-per-token parameters by hand (moe_parameters) against both frameworks' models; the
+    experts' init: gate and up N(0, 0.02), down N(0, 0.02 / sqrt(2 * num_layers)), as Llama's SwiGLU."""
+    # by hand, the tiny default: attention 2*32*32 + 2*32*16 = 3072, norms 64, router 128, experts 4*3*32*16 = 6144;
+    # 2 blocks of 9408, embedding and head 2*61*32 = 3904, final norm 32: 22752; a token skips 2 experts per block
+    assert moe_parameters(61, 32, 16, 2, 4, 2, 16) == (22752, 22752 - 2 * 2 * 3 * 32 * 16)
+    for overrides, kv_dim in ((dict(), 16), (dict(num_shared_experts=2, tie_embeddings=True, experts_per_token=1,
+                                                  num_kv_heads=1), 8)):
+        torch_model, jax_model = build_moe_pair(overrides)
+        config = moe_config(moe_torch, **overrides)
+        total, active = moe_parameters(61, 32, kv_dim, 2, 4, config.experts_per_token, 16, config.num_shared_experts,
+                                       config.tie_embeddings)
+        assert sum(p.numel() for p in torch_model.parameters()) == total, overrides
+        assert sum(p.size for p in jax.tree.leaves(nnx.state(jax_model, nnx.Param))) == total, overrides
+        experts = sum(p.numel() for block in torch_model.blocks for p in block.moe.experts.parameters())
+        assert total - experts * (4 - config.experts_per_token) // 4 == active
+    torch.manual_seed(0)  # 8 layers: down's std is 0.02 / 4; 2048 weights a tensor: the std within 1.6% (1 sigma)
+    jax_deep = moe_jax.MoE(moe_config(moe_jax, num_layers=8), nnx.Rngs(0))
+    for experts in (moe_torch.MoE(moe_config(moe_torch, num_layers=8)).blocks[3].moe.experts,
+                    jax_deep.blocks[3].moe.experts):
+        std = lambda weight: float(np.asarray(weight.detach() if isinstance(weight, torch.Tensor)
+                                              else weight[...]).std())
+        assert abs(std(experts.gate) - 0.02) < 0.001 and abs(std(experts.up) - 0.02) < 0.001
+        assert abs(std(experts.down) - 0.02 / 4) < 0.0003
+
+
+# ---- the scripts as a user runs them ----------------------------------------------------------------------------
+
+def test_moe_smoke_runs():
+    """As assert_smoke_runs, at MOE_RUN's sizes (compiled already) with a higher learning rate (the loss still falls
+    by 2.6 in 40 steps), and: the parameter line (by hand), aux and z in every log line, the eval line's load with
+    one min-max pair per layer (min <= 1 <= max: multiples of the uniform share); so also with 2 layers (torch, in
+    this process)."""
+    results = assert_smoke_runs(("moe_torch.py", "moe_jax.py"), *MOE_RUN_ARGS, "--learning_rate=6e-3",
+                                eval_suffix=r" \| load [0-9.]+x-[0-9.]+x")
+    total, active = moe_parameters(256, 32, 16, 1, 8, 2, 176)  # model_dim 32: 4 heads of 8, 2 kv heads
+    for result in results:
+        assert f"\nmodel: {total:,} parameters, {active:,} active per token\n" in result.stdout
+        balance = re.findall(r"^step +\d+/40 \| loss [0-9.]+ \| aux ([0-9.]+) \| z ([0-9.]+) \| lr ", result.stdout,
+                             re.M)
+        assert len(balance) == 8 and all(0.9 < float(aux) < 8 and float(z) > 0 for aux, z in balance), balance
+        low, high = re.search(r"\| load ([0-9.]+)x-([0-9.]+)x$", result.stdout, re.M).groups()
+        assert float(low) <= 1 <= float(high), (low, high)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = run_main(moe_torch, [f"--data={write_tiny_corpus(tmp)}", f"--out_dir={tmp}/out", *MOE_RUN_ARGS,
+                                   "--num_layers=2", "--steps=1", "--warmup_steps=0", "--sample_tokens=0"])
+    total, active = moe_parameters(256, 32, 16, 2, 8, 2, 176)
+    assert f"\nmodel: {total:,} parameters, {active:,} active per token\n" in out
+    assert re.search(r"^eval step +1 \| .* \| load [0-9.]+x-[0-9.]+x [0-9.]+x-[0-9.]+x$", out, re.M), out
+
+
+def test_moe_cli_errors():
+    """A user's mistake: exit status 2 and exactly one line on stderr that names it; nothing is trained."""
+    cases = [  # (arguments, a word the message must contain)
+        (["--experts_per_token=0"], "experts_per_token"),
+        (["--experts_per_token=9"], "num_experts=8"),  # more than there are
+        (["--num_experts=0"], "num_experts"),
+        (["--num_shared_experts=-1"], "num_shared_experts"),
+        (["--expert_ffn_dim=0"], "expert_ffn_dim"),
+        (["--balance=bogus"], "--balance=bogus"),
+        (["--aux_loss_weight=-1"], "aux_loss_weight"),
+        (["--z_loss_weight=-0.1"], "z_loss_weight"),
+        (["--bias_update_rate=-1e-3"], "bias_update_rate"),
+        (["--normalize_top_k=maybe"], "--normalize_top_k"),
+        (["--num_experts=100000", "--expert_ffn_dim=100000"], "memory"),
+        (["--ffn_dim=96"], "--ffn_dim"),  # the experts have expert_ffn_dim
+        (["--num_kv_heads=3"], "num_kv_heads"),  # the llama family's mistakes
+        (["--model_dim=30", "--num_heads=4"], "num_heads"),
+        (["--model_dim=12", "--num_heads=4", "--num_kv_heads=4"], "even"),
+        (["--rope_scaling=0.5"], "rope_scaling"),
+        (["--yarn_alpha=40"], "yarn_beta"),
+        (["--qk_norm=maybe"], "--qk_norm"),
+        (["--dropout=0.1"], "--dropout"),
+    ]
+    assert_cli_refuses((moe_torch, moe_jax), cases,
+                       [("moe_torch.py", ["--experts_per_token=0"]), ("moe_jax.py", ["--balance=bogus"])])
+
+
+def keep_checkpoint_at(module, step, path):
+    """Make module.save_checkpoint also copy the checkpoint it saves at the given step to path; returns a function
+    that undoes it."""
+    original = module.save_checkpoint
+    def save_checkpoint(*args):  # (..., step, data_rng, config) in both frameworks
+        saved = original(*args)
+        if args[-3] == step:
+            os.makedirs(os.path.dirname(path))
+            shutil.copy(saved, path)
+        return saved
+    module.save_checkpoint = save_checkpoint
+    return lambda: setattr(module, "save_checkpoint", original)
+
+
+def test_moe_resume_equals_uninterrupted():
+    """A 5-step run that evaluates and saves at step 3 and at the end; a run resumed from its step-3 checkpoint:
+    the log lines (loss, aux, z) of steps 4 and 5, the eval line (with the load) and every saved array, the expert
+    biases included, equal the uninterrupted run's; both balance modes (with bias the saved biases moved, with
+    aux_loss they are still 0). Resuming with other MoE options is refused; with another --balance it is not
+    (the biases are saved either way)."""
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_tiny_corpus(tmp)
+        common = [f"--data={data}", *MOE_RUN_ARGS, "--warmup_steps=2", "--learning_rate=1e-3",
+                  "--min_learning_rate=1e-3", "--log_interval=1", "--eval_interval=3", "--eval_steps=1",
+                  "--sample_tokens=0"]
+        for module in (moe_torch, moe_jax):
+            for balance in ("aux_loss", "bias"):
+                args, run = common + [f"--balance={balance}"], f"{tmp}/{module.__name__}_{balance}"
+                undo = keep_checkpoint_at(module, 3, f"{run}/part/{module.CHECKPOINT}")
+                try:
+                    whole = run_main(module, args + [f"--out_dir={run}/whole", "--steps=5"])
+                finally:
+                    undo()
+                resumed = run_main(module, args + [f"--out_dir={run}/part", "--steps=5", "--resume=true"])
+                assert "resuming from step 3" in resumed
+                tail = lambda out: [line.split(" | ")[:4] for line in out.splitlines()
+                                    if re.match(r"step +[45]/", line)]
+                assert len(tail(whole)) == 2 and tail(whole) == tail(resumed), (module.__name__, balance)
+                evals = [re.findall("^eval step +5 .*", out, re.M) for out in (whole, resumed)]
+                assert len(evals[0]) == 1 and evals[0] == evals[1]
+                if module is moe_torch:
+                    a, b = (torch.load(f"{run}/{name}/ckpt.pt", weights_only=True) for name in ("whole", "part"))
+                    assert all(torch.equal(a[name], b[name]) for name in a if name != "meta")
+                    bias = a["model.expert_bias"].numpy()
+                else:
+                    a, b = (np.load(f"{run}/{name}/ckpt.npz") for name in ("whole", "part"))
+                    assert all(np.array_equal(a[name], b[name]) for name in a.files if name != "meta")
+                    bias = a["expert_bias/expert_bias"]
+                assert bias.shape == (1, 8), bias.shape
+                assert np.any(bias != 0) if balance == "bias" else np.all(bias == 0), (module.__name__, balance, bias)
+            part = [f"--out_dir={run}/part", "--steps=9", "--resume=true"]
+            for option, word in (("--num_experts=4", "num_experts=8, not 4"),
+                                 ("--experts_per_token=1", "experts_per_token=2, not 1"),
+                                 ("--num_shared_experts=1", "num_shared_experts=0, not 1"),
+                                 ("--expert_ffn_dim=8", "expert_ffn_dim=176, not 8"),
+                                 ("--normalize_top_k=false", "normalize_top_k=True, not False")):
+                assert_refused(module, args + part + [option], word, run)
+        part = [f"--out_dir={tmp}/moe_torch_bias/part", "--steps=9", "--resume=true"]
+        assert "resuming from step 5" in run_main(moe_torch, common + part + ["--balance=aux_loss"])
+
+
+# -----------------------------------------------------------------------------
 # The skeleton: what every model script does with bad files, a diverged run, a busy out_dir and signals
 
 
-SKELETON = (gpt_torch, gpt_jax, llama_torch, llama_jax)
+SKELETON = (gpt_torch, gpt_jax, llama_torch, llama_jax, moe_torch, moe_jax)
 TINY = ["--seq_len=16", "--num_layers=1", "--model_dim=32", "--num_heads=4", "--batch_size=4", "--warmup_steps=0",
         "--min_learning_rate=0", "--eval_steps=1", "--log_interval=1", "--sample_tokens=0"]
 _RUNS = {}  # module -> a folder holding data.txt and out/, a checkpoint after 2 steps: made once, copied by tests
@@ -1361,7 +1938,8 @@ def test_skeleton_refuses_bad_checkpoints():
         (edit_meta(lambda meta: meta["data_rng"]["state"].update(state=-1)), "damaged"),
         (edit_meta(lambda meta: meta["config"].update(seq_len=16.0)), "seq_len=16.0, not 16"),
     ]
-    twin = {gpt_torch: llama_torch, llama_torch: gpt_torch, gpt_jax: llama_jax, llama_jax: gpt_jax}
+    twins = {gpt_torch: [llama_torch], llama_torch: [gpt_torch, moe_torch], moe_torch: [llama_torch],
+             gpt_jax: [llama_jax], llama_jax: [gpt_jax, moe_jax], moe_jax: [llama_jax]}  # another family's checkpoint
     for module in SKELETON:
         folder = tiny_run(module)
         path = f"{folder}/out/{module.CHECKPOINT}"
@@ -1369,8 +1947,9 @@ def test_skeleton_refuses_bad_checkpoints():
         good = open(path, "rb").read()
         assert_refused(module, args + ["--steps=9", "--resume=true", "--model_dim=64"], "model_dim=32, not 64", folder)
         assert_refused(module, args + ["--steps=9"], "--resume=true", folder)  # a fresh run never overwrites it
-        shutil.copy(f"{tiny_run(twin[module])}/out/{module.CHECKPOINT}", path)
-        assert_refused(module, args + ["--steps=9", "--resume=true"], f"not a {module.SCRIPT} checkpoint", folder)
+        for twin in twins[module]:
+            shutil.copy(f"{tiny_run(twin)}/out/{module.CHECKPOINT}", path)
+            assert_refused(module, args + ["--steps=9", "--resume=true"], f"not a {module.SCRIPT} checkpoint", folder)
         for edit, word in edits:
             open(path, "wb").write(good)
             edit(path)
@@ -1452,10 +2031,8 @@ def test_skeleton_signals_as_a_user_sends_them():
 # Runner
 
 
-def main():
-    pattern = sys.argv[1] if len(sys.argv) > 1 else ""
-    tests = [(name, fn) for name, fn in globals().items()
-             if name.startswith("test_") and callable(fn) and pattern in name]
+def run_tests(tests):
+    """Run the (name, function) tests one after the other, printing one line each; returns (passed, failed)."""
     passed = failed = 0
     for name, fn in tests:
         start = time.perf_counter()
@@ -1468,6 +2045,64 @@ def main():
             status = f"FAIL {type(error).__name__}: {str(error)[:300]} (line {where.lineno})"
             failed += 1
         print(f"{name:<60} {status} ({time.perf_counter() - start:.1f} s)", flush=True)
+    return passed, failed
+
+
+FIRST = ("skeleton", "llama", "moe", "gpt")  # the longest families: started first, so that both halves end together
+
+
+def run_with_a_worker(tests):
+    """This process and a worker process (this file with --worker) share the tests, a family at a time: a family's
+    tests share models, runs and compiled functions, so each family stays in one process. Each takes the next
+    family, the longest first, when it finishes one. Returns (passed, failed)."""
+    families = {}
+    for name, fn in tests:
+        families.setdefault(name.split("_")[1], []).append((name, fn))  # test_<family>_...
+    todo = sorted(families, key=lambda family: FIRST.index(family) if family in FIRST else len(FIRST))
+    lock, counts = threading.Lock(), [0, 0]  # todo is shared: pop under the lock; counts: passed, failed
+
+    def next_family():
+        with lock:
+            return todo.pop(0) if todo else None
+
+    def feed_worker():  # a thread: hands the worker one family's test names at a time, prints what it prints
+        worker = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker"], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True, env=dict(os.environ, TEST_ALL_JAX_CACHE=JAX_CACHE))
+        while (family := next_family()) is not None:
+            worker.stdin.write(" ".join(name for name, _ in families[family]) + "\n")
+            worker.stdin.flush()
+            while not (line := worker.stdout.readline()).startswith("--done "):  # its counts end the family
+                if not line:  # the worker crashed: its family failed
+                    print(f"the test worker ended with status {worker.wait()} during the {family} tests", flush=True)
+                    counts[1] += 1
+                    return
+                print(line, end="", flush=True)
+            with lock:
+                counts[0], counts[1] = counts[0] + int(line.split()[1]), counts[1] + int(line.split()[2])
+        worker.stdin.close()
+        worker.wait()
+
+    thread = threading.Thread(target=feed_worker)
+    thread.start()
+    while (family := next_family()) is not None:  # this process: the main thread, where signal handlers work
+        passed, failed = run_tests(families[family])
+        with lock:
+            counts[0], counts[1] = counts[0] + passed, counts[1] + failed
+    thread.join()
+    return tuple(counts)
+
+
+def main():
+    args = sys.argv[1:]
+    tests = [(name, fn) for name, fn in globals().items() if name.startswith("test_") and callable(fn)]
+    if args == ["--worker"]:  # the test names of one family per line on stdin; "--done passed failed" after each
+        for line in sys.stdin:
+            print("--done %d %d" % run_tests([(name, globals()[name]) for name in line.split()]), flush=True)
+        return
+    pattern = args[0] if args else ""
+    tests = [(name, fn) for name, fn in tests if pattern in name]
+    parallel = not pattern and (os.cpu_count() or 1) >= 2  # a filtered run stays in this process
+    passed, failed = run_with_a_worker(tests) if parallel else run_tests(tests)
     print(f"{passed} passed, {failed} failed")
     sys.exit(1 if failed else 0)
 
