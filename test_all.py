@@ -952,7 +952,7 @@ def llama_config(module, **overrides):
     return module.Config(**fields)
 
 
-def build_pair(torch_class, jax_class, torch_config, jax_config, seed=0):
+def build_twins(torch_class, jax_class, torch_config, jax_config, seed=0):
     """The same model in both frameworks: torch initializes, the weights are copied into jax. The RMSNorm weights
     are moved off 1 so that a norm weight applied in the wrong place would show."""
     torch.set_num_threads(1)  # tiny models: a second thread only waits, and stalls on a busy 2-core machine
@@ -968,8 +968,8 @@ def build_pair(torch_class, jax_class, torch_config, jax_config, seed=0):
 
 
 def build_llama_pair(config_overrides, seed=0):
-    return build_pair(llama_torch.Llama, llama_jax.Llama, llama_config(llama_torch, **config_overrides),
-                      llama_config(llama_jax, **config_overrides), seed)
+    return build_twins(llama_torch.Llama, llama_jax.Llama, llama_config(llama_torch, **config_overrides),
+                       llama_config(llama_jax, **config_overrides), seed)
 
 
 def torch_logits(model, tokens, **kwargs):
@@ -1254,8 +1254,8 @@ def moe_config(module, **overrides):
 def build_moe_pair(config_overrides, seed=0, expert_bias=None):
     """The same MoE in both frameworks, as build_llama_pair. expert_bias, (num_layers, num_experts), is not a
     parameter: set in both here."""
-    torch_model, jax_model = build_pair(moe_torch.MoE, moe_jax.MoE, moe_config(moe_torch, **config_overrides),
-                                        moe_config(moe_jax, **config_overrides), seed)
+    torch_model, jax_model = build_twins(moe_torch.MoE, moe_jax.MoE, moe_config(moe_torch, **config_overrides),
+                                         moe_config(moe_jax, **config_overrides), seed)
     if expert_bias is not None:
         torch_model.expert_bias.copy_(torch.from_numpy(np.float32(expert_bias)))
         jax_model.expert_bias[...] = jnp.asarray(np.float32(expert_bias))
