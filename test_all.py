@@ -2064,8 +2064,9 @@ def run_with_a_worker(tests):
             return todo.pop(0) if todo else None
 
     def feed_worker():  # a thread: hands the worker one family's test names at a time, prints what it prints
+        env = dict(os.environ, TEST_ALL_JAX_CACHE=JAX_CACHE, OMP_NUM_THREADS="1")  # one cache; see below
         worker = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker"], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True, env=dict(os.environ, TEST_ALL_JAX_CACHE=JAX_CACHE))
+                                  stdout=subprocess.PIPE, text=True, env=env)
         while (family := next_family()) is not None:
             worker.stdin.write(" ".join(name for name, _ in families[family]) + "\n")
             worker.stdin.flush()
@@ -2080,6 +2081,10 @@ def run_with_a_worker(tests):
         worker.stdin.close()
         worker.wait()
 
+    # one torch thread in each process (and in the scripts they start): two processes share two cores, and torch's
+    # threads spin-wait, many times slower, when another process holds the core they wait for
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
     thread = threading.Thread(target=feed_worker)
     thread.start()
     while (family := next_family()) is not None:  # this process: the main thread, where signal handlers work
@@ -2094,6 +2099,7 @@ def main():
     args = sys.argv[1:]
     tests = [(name, fn) for name, fn in globals().items() if name.startswith("test_") and callable(fn)]
     if args == ["--worker"]:  # the test names of one family per line on stdin; "--done passed failed" after each
+        torch.set_num_threads(1)  # as in run_with_a_worker
         for line in sys.stdin:
             print("--done %d %d" % run_tests([(name, globals()[name]) for name in line.split()]), flush=True)
         return
