@@ -1087,6 +1087,27 @@ def test_llama_training_steps_match_across_frameworks():
     assert np.array_equal(np.asarray(jax_model.cos[...]), torch_model.cos.numpy())  # untouched by the optimizer
 
 
+def decode_in_chunks(torch_model, jax_model, tokens, prompt, jax_chunk=True):
+    """Both models' logits for tokens, (batch, max_len), decoded with their caches: the first `prompt` tokens
+    (prefill), a chunk of 4 (the masked case; with jax_chunk=False jax prefills them with the prompt, as its generate
+    would), then one token at a time. Returns (torch logits, jax logits, torch cache, jax cache)."""
+    graphdef, state = nnx.split(jax_model)
+
+    @jax.jit  # as generation runs it: compiled once per chunk length
+    def jax_step(state, tokens, cache, position):
+        return nnx.merge(graphdef, state)(tokens, cache=cache, position=position)[0], cache
+
+    torch_cache, jax_cache = torch_model.new_cache(len(tokens)), jax_model.new_cache(len(tokens))
+    torch_steps, jax_steps = [], []
+    chunks = [(0, prompt), (prompt, prompt + 4)] + [(start, start + 1) for start in range(prompt + 4, len(tokens[0]))]
+    for start, end in chunks:
+        torch_steps.append(torch_logits(torch_model, tokens[:, start:end], cache=torch_cache, position=start))
+    for start, end in chunks if jax_chunk else [(0, prompt + 4)] + chunks[2:]:
+        logits, jax_cache = jax_step(state, tokens[:, start:end], jax_cache, start)
+        jax_steps.append(np.asarray(logits))
+    return np.concatenate(torch_steps, axis=1), np.concatenate(jax_steps, axis=1), torch_cache, jax_cache
+
+
 def test_llama_kv_cache_matches_full_forward():
     """Prefill a prompt into the cache, then a chunk of 4 tokens (the masked case), then one token at a time: each
     step's logits equal those of one full forward pass over the same tokens. YaRN factor 2 lets the sequence run
@@ -1095,23 +1116,10 @@ def test_llama_kv_cache_matches_full_forward():
         torch_model, jax_model = build_llama_pair(overrides)
         length, prompt = torch_model.max_len, 5
         tokens = np.random.default_rng(3).integers(0, 61, size=(2, length))
-        graphdef, state = nnx.split(jax_model)
-
-        @jax.jit  # as generation runs it: compiled once per chunk length
-        def jax_step(state, tokens, cache, position):
-            logits, _ = nnx.merge(graphdef, state)(tokens, cache=cache, position=position)
-            return logits, cache
-
-        torch_cache, jax_cache = torch_model.new_cache(2), jax_model.new_cache(2)
-        torch_steps, jax_steps = [], []
-        chunks = [(0, prompt), (prompt, prompt + 4)] + [(start, start + 1) for start in range(prompt + 4, length)]
-        for start, end in chunks:
-            torch_steps.append(torch_logits(torch_model, tokens[:, start:end], cache=torch_cache, position=start))
-            logits, jax_cache = jax_step(state, tokens[:, start:end], jax_cache, start)
-            jax_steps.append(np.asarray(logits))
+        torch_steps, jax_steps, torch_cache, jax_cache = decode_in_chunks(torch_model, jax_model, tokens, prompt)
         full = torch_logits(torch_model, tokens)  # (2, length, vocab_size)
-        assert np.abs(np.concatenate(torch_steps, axis=1) - full).max() < 1e-5, overrides
-        assert np.abs(np.concatenate(jax_steps, axis=1) - np.asarray(jax_model(jnp.asarray(tokens))[0])).max() < 1e-5
+        assert np.abs(torch_steps - full).max() < 1e-5, overrides
+        assert np.abs(jax_steps - np.asarray(jax_model(jnp.asarray(tokens))[0])).max() < 1e-5
         assert jax_cache[0][0].shape == torch_cache[0][0].shape == (2, jax_model.num_kv_heads, length, 8)
 
 
@@ -1626,25 +1634,11 @@ def test_moe_kv_cache_and_generate_match_full_forward():
                                                  num_shared_experts=1), expert_bias=bias)
     length, prompt = torch_model.max_len, 5
     tokens = np.random.default_rng(3).integers(0, 61, size=(2, length))
-    graphdef, state = nnx.split(jax_model)
-
-    @jax.jit  # as generation runs it: compiled once per chunk length
-    def jax_step(state, tokens, cache, position):
-        logits, _, _ = nnx.merge(graphdef, state)(tokens, cache=cache, position=position)
-        return logits, cache
-
-    torch_cache, jax_cache = torch_model.new_cache(2), jax_model.new_cache(2)
-    torch_steps, jax_steps = [], []
-    chunks = [(0, prompt), (prompt, prompt + 4)] + [(start, start + 1) for start in range(prompt + 4, length)]
-    for start, end in chunks:
-        torch_steps.append(torch_logits(torch_model, tokens[:, start:end], cache=torch_cache, position=start))
-    # jax: the prompt, then one token at a time (as its generate does; jax has no special case for a chunk)
-    for start, end in [(0, prompt + 4)] + chunks[2:]:
-        logits, jax_cache = jax_step(state, tokens[:, start:end], jax_cache, start)
-        jax_steps.append(np.asarray(logits))
+    # jax: the prompt with the chunk, then one token at a time (as its generate does)
+    torch_steps, jax_steps, _, _ = decode_in_chunks(torch_model, jax_model, tokens, prompt, jax_chunk=False)
     full = torch_logits(torch_model, tokens)  # (2, length, vocab_size)
-    assert np.abs(np.concatenate(torch_steps, axis=1) - full).max() < 1e-5
-    assert np.abs(np.concatenate(jax_steps, axis=1) - full).max() < 1e-5  # the same weights in both frameworks
+    assert np.abs(torch_steps - full).max() < 1e-5
+    assert np.abs(jax_steps - full).max() < 1e-5  # the same weights in both frameworks
     # a prompt of max_len / 2 tokens: the prefill has the shape of the later ones, and jax compiles it once
     reference, start = list(tokens[0, : length // 2]), 0  # start: where the cached context begins
     for _ in range(2 * length):
