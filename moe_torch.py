@@ -626,6 +626,8 @@ def model_checks(config):
         (config.experts_per_token <= config.num_experts,
          f"--experts_per_token={config.experts_per_token} must be at most --num_experts={config.num_experts}"),
         (config.num_shared_experts >= 0, f"--num_shared_experts={config.num_shared_experts} must be >= 0"),
+        (config.num_experts <= 64,  # moe_jax.py unrolls a loop over about 3 * num_experts blocks: a minute at 64
+         f"--num_experts={config.num_experts} is more than 64, which moe_jax.py would take too long to compile"),
         (48 * config.num_layers * (config.num_experts + config.num_shared_experts) * config.model_dim
          * config.expert_ffn_dim < MEMORY,  # 3 matrices per expert, 16 bytes a weight
          f"--num_experts, --num_shared_experts and --expert_ffn_dim need more than this machine's memory; use fewer"),

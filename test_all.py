@@ -1717,7 +1717,8 @@ def test_moe_cli_errors():
         (["--z_loss_weight=-0.1"], "z_loss_weight"),
         (["--bias_update_rate=-1e-3"], "bias_update_rate"),
         (["--normalize_top_k=maybe"], "--normalize_top_k"),
-        (["--num_experts=100000", "--expert_ffn_dim=100000"], "memory"),
+        (["--num_experts=60", "--expert_ffn_dim=100000000"], "memory"),
+        (["--num_experts=65"], "more than 64"),  # jax would unroll a loop over ~190 blocks per layer
         (["--ffn_dim=96"], "--ffn_dim"),  # the experts have expert_ffn_dim
         (["--num_kv_heads=3"], "num_kv_heads"),  # the llama family's mistakes
         (["--model_dim=30", "--num_heads=4"], "num_heads"),
