@@ -12,7 +12,7 @@ resident memory at both (target: flat within 1.5x, memory constant). Every model
 same batches, its blocks of steps alternating with the others' so that a machine's drift affects all alike.
 """
 
-import resource
+import os
 import sys
 import time
 
@@ -77,7 +77,9 @@ def race(steps, seq_len, blocks, block_steps=5):
 
 
 def rss_mib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the peak so far (Linux: KiB)
+    """This process's resident memory now, in MiB (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def sampling(framework, model, tokens=2000):
@@ -131,7 +133,7 @@ def main():
                              ("jax", mamba_jax.Mamba(mamba_jax.Config(), nnx.Rngs(0)))):
         early, late, memory = sampling(framework, model)
         print(f"recurrent sampling, {framework}: {early:.2f} ms per token near token 100, {late:.2f} near token "
-              f"2000 ({late / early:.2f}x); peak RSS {memory[100]:.0f} MiB at token 100, {memory[2000]:.0f} at 2000")
+              f"2000 ({late / early:.2f}x); resident memory {memory[100]:.1f} MiB at token 100, {memory[2000]:.1f} at 2000")
 
 
 if __name__ == "__main__":
