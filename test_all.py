@@ -230,22 +230,53 @@ def assert_cli_refuses(modules, family_cases, user_runs):
 
 
 def assert_smoke_runs(scripts, *args, eval_suffix="", sample_line="sample:"):
-    """The twins as a user runs them, side by side (tiny model, 40 steps): exit status 0, the logged loss falls
-    from about ln 256 = 5.5 to below 3.5, an eval line (ending with eval_suffix, a regex, after the bits per byte),
-    a sample after sample_line (a regex), a checkpoint. Returns the runs' CompletedProcess results."""
+    """The twins as a user runs them, side by side (tiny model, 40 steps): the logged loss falls from about ln 256 =
+    5.5 to below 3.5, an eval line (ending with eval_suffix, a regex, after the bits per byte), a checkpoint, then
+    sampling starts (the line sample_line, a regex). While it samples, out_dir is locked against a second run; then
+    Ctrl-C ends the script at once: exit status 130, one line on stderr, no traceback, the checkpoint as it was.
+    Returns the runs' CompletedProcess results, their stdout up to the sampling line."""
     with tempfile.TemporaryDirectory() as tmp:
         common = [f"--data={write_tiny_corpus(tmp)}", "--seq_len=32", "--model_dim=64", "--batch_size=8", "--steps=40",
                   "--warmup_steps=5", "--learning_rate=3e-3", "--log_interval=5", "--eval_interval=40",
-                  "--eval_steps=2", "--sample_tokens=20", *args]
-        results = run_scripts(*([script, *common, f"--out_dir={tmp}/{script}"] for script in scripts))
-        for script, result in zip(scripts, results):
-            assert result.returncode == 0, result.stderr
-            losses = parse_losses(result.stdout)
-            assert len(losses) == 8 and losses[-1] < losses[0] - 2.0, (script, losses)
-            assert re.search(r"^eval step +40 \| train [0-9.]+ \| val [0-9.]+ \| val bpb [0-9.]+" + eval_suffix + "$",
-                             result.stdout, re.M), result.stdout[-500:]
-            assert re.search(f"^{sample_line}\n", result.stdout, re.M), result.stdout[-500:]
-            assert os.path.exists(f"{tmp}/{script}/ckpt." + ("pt" if "torch" in script else "npz"))
+                  "--eval_steps=2", *args, "--sample_tokens=1000000"]  # sampling lasts until Ctrl-C
+        processes = [subprocess.Popen([sys.executable, script, *common, f"--out_dir={tmp}/{script}"], cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env=dict(os.environ, OMP_NUM_THREADS="1")) for script in scripts]
+        watchdog = threading.Timer(120, lambda: [process.kill() for process in processes])  # a hung run fails
+        watchdog.start()
+        results = []
+        try:
+            for script, process in zip(scripts, processes):
+                lines = []
+                for line in process.stdout:  # up to the line that says sampling starts
+                    lines.append(line)
+                    if line.startswith("sample"):
+                        break
+                else:
+                    raise AssertionError((script, "".join(lines)[-500:], process.stderr.read()[-1000:]))
+                assert re.match(f"{sample_line}$", lines[-1]), (script, lines[-1])
+                folder = f"{tmp}/{script}"
+                module = sys.modules[script[: -len(".py")]]
+                assert_refused(module, [*common[:-1], f"--out_dir={folder}", "--steps=80", "--resume=true"],
+                               "in use by another run", folder)
+                before = snapshot(folder)
+                process.send_signal(signal.SIGINT)
+                _, stderr = process.communicate(timeout=60)
+                assert process.returncode == 130 and len(stderr.splitlines()) == 1, (script, process.returncode, stderr)
+                assert "stopped by SIGINT while sampling" in stderr, stderr
+                assert snapshot(folder) == before and os.path.exists(f"{folder}/{module.CHECKPOINT}")
+                stdout = "".join(lines)
+                losses = parse_losses(stdout)
+                assert len(losses) == 8 and losses[-1] < losses[0] - 2.0, (script, losses)
+                evals = r"^eval step +40 \| train [0-9.]+ \| val [0-9.]+ \| val bpb [0-9.]+" + eval_suffix + "$"
+                assert re.search(evals, stdout, re.M), stdout[-500:]
+                results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+        finally:  # a failed check leaves no script sampling on
+            watchdog.cancel()
+            for process in processes:
+                if process.poll() is None:
+                    process.kill()
+                    process.communicate()
         return results
 
 
@@ -2318,42 +2349,24 @@ def test_skeleton_out_dir_is_locked_while_a_run_holds_it():
                 pass
 
 
-def test_skeleton_signals_as_a_user_sends_them():
-    """The scripts as a user runs them, side by side: Ctrl-C while the libraries load ends quietly; Ctrl-C while
-    sampling ends at once with exit status 130, one line on stderr and the checkpoint as it was (meanwhile out_dir
-    is locked against a second run). No traceback. (SIGTERM and Ctrl-C during training: tests above.)"""
+def test_skeleton_ctrl_c_while_the_libraries_load():
+    """The scripts as a user runs them, side by side: Ctrl-C while the libraries load ends quietly, killed by the
+    signal (or, if main had begun, with main's one line), and writes nothing. No traceback. (SIGTERM and Ctrl-C
+    during training: tests above; Ctrl-C while sampling: each family's smoke test.)"""
     with tempfile.TemporaryDirectory() as tmp:
         data, scripts = write_tiny_corpus(tmp), [f"{module.__name__}.py" for module in SKELETON]
-
-        def start(script, *args):
-            return subprocess.Popen([sys.executable, script, f"--data={data}", *TINY, *args], cwd=ROOT, text=True,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    env=dict(os.environ, OMP_NUM_THREADS="1"))
-
-        def finish(process):
-            _, stderr = process.communicate(timeout=60)
-            assert "Traceback" not in stderr, stderr
-            return process.returncode, stderr.splitlines()
-
-        loading = [start(script, f"--out_dir={tmp}/loading") for script in scripts]
-        sampling = [start(script, f"--out_dir={tmp}/{script}", "--steps=1", "--sample_tokens=1000000")
-                    for script in scripts]
+        loading = [subprocess.Popen([sys.executable, script, f"--data={data}", *TINY, f"--out_dir={tmp}/loading"],
+                                    cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    env=dict(os.environ, OMP_NUM_THREADS="1")) for script in scripts]
         time.sleep(1.0)  # past the interpreter's start-up, still importing torch or jax (8 processes share 2 cores)
         for process in loading:
             process.send_signal(signal.SIGINT)
         for process in loading:  # the default action (the shell reports 130), or main's own line if it had begun
-            status, lines = finish(process)
+            _, stderr = process.communicate(timeout=60)
+            assert "Traceback" not in stderr, stderr
+            status, lines = process.returncode, stderr.splitlines()
             assert status == -signal.SIGINT or (status == 130 and len(lines) == 1), (status, lines)
         assert not os.path.exists(f"{tmp}/loading")
-        for module, script, process in zip(SKELETON, scripts, sampling):
-            assert any(re.match(r"sample.*:$", line) for line in process.stdout), finish(process)  # reads to it
-            second_run = [f"--data={data}", f"--out_dir={tmp}/{script}", *TINY, "--steps=9", "--resume=true"]
-            assert_refused(module, second_run, "in use by another run", f"{tmp}/{script}")
-            before = snapshot(f"{tmp}/{script}")
-            process.send_signal(signal.SIGINT)
-            status, lines = finish(process)
-            assert status == 130 and len(lines) == 1 and "stopped by SIGINT while sampling" in lines[0], (status, lines)
-            assert snapshot(f"{tmp}/{script}") == before
 
 
 # -----------------------------------------------------------------------------
