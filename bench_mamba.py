@@ -133,7 +133,8 @@ def main():
                              ("jax", mamba_jax.Mamba(mamba_jax.Config(), nnx.Rngs(0)))):
         early, late, memory = sampling(framework, model)
         print(f"recurrent sampling, {framework}: {early:.2f} ms per token near token 100, {late:.2f} near token "
-              f"2000 ({late / early:.2f}x); resident memory {memory[100]:.1f} MiB at token 100, {memory[2000]:.1f} at 2000")
+              f"2000 ({late / early:.2f}x); resident memory {memory[100]:.1f} MiB at token 100, "
+              f"{memory[2000]:.1f} at 2000")
 
 
 if __name__ == "__main__":

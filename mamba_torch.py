@@ -16,7 +16,7 @@ Glossary: the paper's symbols (section 3, Algorithm 2) and their names and shape
     x        x                       the mixer's input after in_proj and the causal conv, (batch_size, L, inner_dim)
     y        y                       the scan's output, (batch_size, L, inner_dim)
     h        h                       the hidden state, (batch_size, inner_dim, N) per position
-    Delta    dt                      per-token, per-channel step size, softplus(dt_proj(...)), (batch_size, L, inner_dim)
+    Delta    dt                      step size per token and channel, softplus(dt_proj(..)), (batch_size, L, inner_dim)
     A        A = -exp(A_log)         per-channel decay rates, input-independent, (inner_dim, N)
     B, C     B, C                    per-token input and output maps, from x_proj, (batch_size, L, N)
     D        D                       skip weight, y += D * x, (inner_dim,)
@@ -228,7 +228,7 @@ class Mixer(nn.Module):
         self.in_proj = nn.Linear(config.model_dim, 2 * inner_dim, bias=False)  # in_proj: x and the gate z
         self.conv1d = CausalConv(inner_dim, config.conv_width)  # conv1d: local context before the scan
         self.x_proj = nn.Linear(inner_dim, self.dt_rank + 2 * config.state_dim, bias=False)  # x_proj: dt, B, C from x
-        self.dt_proj = nn.Linear(self.dt_rank, inner_dim)  # dt_proj: dt's low-rank input up to one dt per channel
+        self.dt_proj = nn.Linear(self.dt_rank, inner_dim)  # dt_proj: low rank up to one dt a channel
         self.A_log = nn.Parameter(torch.empty(inner_dim, config.state_dim))  # A_log: A = -exp(A_log) < 0
         self.D = nn.Parameter(torch.ones(inner_dim))  # D: the skip, y += D * x; starts at 1
         self.out_proj = nn.Linear(inner_dim, config.model_dim, bias=False)  # out_proj: back to the residual stream
@@ -531,7 +531,7 @@ def model_checks(config):
     """(ok, message) for each rule on this model's own options. The rest of this section is the same in every
     model script."""
     return [
-        (config.dt_rank >= 0, f"--dt_rank={config.dt_rank} must be >= 0 (0 = the reference's rule, ceil(model_dim / 16))"),
+        (config.dt_rank >= 0, f"--dt_rank={config.dt_rank} must be >= 0 (0: the reference's ceil(model_dim / 16))"),
         (0 < config.dt_min < config.dt_max,
          f"--dt_min={config.dt_min} and --dt_max={config.dt_max} need 0 < dt_min < dt_max"),
         (config.scan in SCANS, f"--scan={config.scan} is not one of {', '.join(SCANS)}"),

@@ -1854,7 +1854,8 @@ def scan_inputs(rng, batch_size, seq_len, inner_dim, state_dim, dt_range):
     dt log-uniform in dt_range, x and B standard normal: (batch_size, seq_len, inner_dim, state_dim) each."""
     dt = np.exp(rng.uniform(*np.log(dt_range), size=(batch_size, seq_len, inner_dim, 1)))
     A = -np.arange(1, state_dim + 1)
-    x, B = rng.standard_normal((batch_size, seq_len, inner_dim, 1)), rng.standard_normal((batch_size, seq_len, 1, state_dim))
+    x = rng.standard_normal((batch_size, seq_len, inner_dim, 1))
+    B = rng.standard_normal((batch_size, seq_len, 1, state_dim))
     return np.exp(dt * A).astype(np.float32), (dt * x * B).astype(np.float32)
 
 
@@ -1885,7 +1886,8 @@ def test_mamba_shapes_initial_loss_and_causality():
     tokens, targets, changed = np.random.default_rng(0).integers(0, 61, size=(3, *MAMBA_TOKENS))
     torch.manual_seed(0)
     with torch.no_grad():
-        logits, loss, _ = mamba_torch.Mamba(mamba_config(mamba_torch))(torch.from_numpy(tokens), torch.from_numpy(targets))
+        fresh = mamba_torch.Mamba(mamba_config(mamba_torch))
+        logits, loss, _ = fresh(torch.from_numpy(tokens), torch.from_numpy(targets))
     assert tuple(logits.shape) == (*MAMBA_TOKENS, 61) and abs(loss.item() - math.log(61)) < 0.1
     logits, loss, _ = jax_forward(mamba_jax.Mamba(mamba_config(mamba_jax), nnx.Rngs(1)), tokens, targets)
     assert logits.shape == (*MAMBA_TOKENS, 61) and abs(float(loss) - math.log(61)) < 0.1
@@ -1934,8 +1936,8 @@ def test_mamba_parallel_scan_equals_sequential_scan():
     assert np.prod(long_decay[0, :, 0, 0]) == 0 and np.all(long_decay > 0)  # the product underflows, no factor is 0
     cases.append((long_decay, long_inputs))
     scans = (mamba_jax.parallel_scan, mamba_jax.sequential_scan)
-    jax_scans = jax.jit(lambda d, i, w: ([scan(d, i) for scan in scans],  # and their gradients: one compile a shape
-                                         [jax.grad(lambda d, i: (scan(d, i) * w).sum(), (0, 1))(d, i) for scan in scans]))
+    gradients = lambda d, i, w: [jax.grad(lambda d, i: (scan(d, i) * w).sum(), (0, 1))(d, i) for scan in scans]
+    jax_scans = jax.jit(lambda d, i, w: ([scan(d, i) for scan in scans], gradients(d, i, w)))  # one compile a shape
     for decay, inputs in cases:
         torch_decay, torch_inputs = (torch.tensor(a, requires_grad=True) for a in (decay, inputs))
         sequential = mamba_torch.sequential_scan(torch_decay, torch_inputs)
@@ -1964,7 +1966,8 @@ def test_mamba_causal_conv():
     zeros = torch.zeros(2, 3, 6)
     with torch.no_grad():
         out, carried = conv(x, zeros)
-        reference = torch.nn.functional.conv1d(x.transpose(1, 2), conv.weight, conv.bias, padding=3, groups=6)[..., :12].transpose(1, 2)
+        reference = torch.nn.functional.conv1d(x.transpose(1, 2), conv.weight, conv.bias, padding=3, groups=6)
+        reference = reference[..., :12].transpose(1, 2)  # (2, 12, 6): the first 12 of 15 outputs, as the reference
         assert (out - reference).abs().max() < 1e-6 and torch.equal(carried, x[:, -3:])
         later = x.clone()
         later[:, 7:] += 1.0
@@ -2024,8 +2027,12 @@ def test_mamba_parameter_count_and_init():
     bias lands in the range and spreads over it), dt_proj's weight U(+-dt_rank**-0.5), in_proj U(+-model_dim**-0.5),
     out_proj U(+-inner_dim**-0.5) / sqrt(num_layers), the conv U(+-conv_width**-0.5), the embedding N(0, 0.02)."""
     vocab_size, model_dim, inner_dim, state_dim, dt_rank, conv_width = 61, 32, 64, 8, 2, 4
-    per_layer = (2 * model_dim * inner_dim + inner_dim * conv_width + inner_dim + inner_dim * (dt_rank + 2 * state_dim)
-                 + dt_rank * inner_dim + inner_dim + inner_dim * state_dim + inner_dim + inner_dim * model_dim + model_dim)
+    per_layer = (2 * model_dim * inner_dim  # in_proj
+                 + inner_dim * conv_width + inner_dim  # conv1d
+                 + inner_dim * (dt_rank + 2 * state_dim)  # x_proj
+                 + dt_rank * inner_dim + inner_dim  # dt_proj
+                 + inner_dim * state_dim + inner_dim  # A_log, D
+                 + inner_dim * model_dim + model_dim)  # out_proj, the block's RMSNorm
     expected = vocab_size * model_dim + 2 * per_layer + model_dim
     torch_model, jax_model = mamba_pair()
     assert sum(p.numel() for p in torch_model.parameters()) == expected
@@ -2147,7 +2154,8 @@ def test_mamba_resume_equals_uninterrupted():
             run_main(module, common + [f"--out_dir={run}/part", "--steps=6"])
             resumed = run_main(module, common + [f"--out_dir={run}/part", "--steps=12", "--resume=true"])
             assert "resuming from step 6" in resumed
-            tail = lambda out: [line.split(" | ")[:2] for line in out.splitlines() if re.match(r"step +([7-9]|1\d)/", line)]
+            tail = lambda out: [line.split(" | ")[:2] for line in out.splitlines()
+                                if re.match(r"step +([7-9]|1\d)/", line)]
             assert len(tail(whole)) == 6 and tail(whole) == tail(resumed), module.__name__
             if module is mamba_torch:
                 a, b = (torch.load(f"{run}/{name}/ckpt.pt", weights_only=True) for name in ("whole", "part"))
@@ -2390,7 +2398,7 @@ def run_tests(tests):
     return passed, failed
 
 
-FIRST = ("skeleton", "llama", "moe", "mamba", "gpt")  # the longest families: started first, so that both halves end together
+FIRST = ("skeleton", "moe", "llama", "mamba", "gpt")  # the longest families first, so that both halves end together
 
 
 def run_with_a_worker(tests):
