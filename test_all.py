@@ -2073,17 +2073,12 @@ def test_mamba_training_steps_match_across_frameworks():
     params = nnx.to_pure_dict(state)
     opt_state = jax_optimizer.init(params)
     train_step, _ = mamba_jax.make_steps(graphdef, jax_optimizer)
+    torch_train_step, _ = mamba_torch.make_steps(torch_model, torch_optimizer, config)  # the scripts' own steps
     tokens = np.frombuffer(STORIES_HEAD, np.uint8)
     rng = np.random.default_rng(3)
     for step in range(3):
         x, y = mamba_torch.get_batch(tokens, rng, config)
-        for group in torch_optimizer.param_groups:
-            group["lr"] = mamba_torch.learning_rate_at(step, config)
-        _, loss, _ = torch_model(torch.from_numpy(x), torch.from_numpy(y))
-        torch_optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(torch_model.parameters(), config.grad_clip)
-        torch_optimizer.step()
+        loss = torch_train_step(x, y, mamba_torch.learning_rate_at(step, config))
         params, opt_state, jax_loss = train_step(params, opt_state, x.astype(np.int32), y.astype(np.int32),
                                                  mamba_jax.learning_rate_at(step, config))
         assert abs(loss.item() - float(jax_loss)) < 1e-4
