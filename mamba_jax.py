@@ -10,19 +10,25 @@ float32 RMSNorm (eps 1e-5), an output head tied to the embedding.
 
 Glossary: the paper's symbols (section 3, Algorithm 2) and their names and shapes here
     L        seq_len                 sequence length
-    D        model_dim               width of the residual stream (the paper's D; not the skip weight D below)
-    E        expand                  inner_dim = E * D: the mixer works in a wider space
+    D        model_dim               width of the residual stream (section 3.4; Algorithm 2's D, the SSM's channels,
+                                     is inner_dim here; and not the skip weight D below)
+    E        expand                  inner_dim = E * D channels: the mixer works in a wider space, each channel
+                                     with its own hidden state of N numbers
     N        state_dim               the size of each channel's hidden state
-    x        x                       the mixer's input after in_proj and the causal conv, (batch_size, L, inner_dim)
-    y        y                       the scan's output, (batch_size, L, inner_dim)
+    x        x                       the SSM's input: in_proj's first half after the causal conv and SiLU,
+                                     (batch_size, L, inner_dim)
+    z        z                       the gate, in_proj's second half: out_proj(y * silu(z)), (batch_size, L, inner_dim)
+    y        y                       the SSM's output, (batch_size, L, inner_dim)
     h        h                       the hidden state, (batch_size, inner_dim, N) per position
     Delta    dt                      step size per token and channel, softplus(dt_proj(..)), (batch_size, L, inner_dim)
-    A        A = -exp(A_log)         per-channel decay rates, input-independent, (inner_dim, N)
+    A        A = -exp(A_log)         negative: -A are the decay rates, per channel and state, input-independent,
+                                     (inner_dim, N)
     B, C     B, C                    per-token input and output maps, from x_proj, (batch_size, L, N)
     D        D                       skip weight, y += D * x, (inner_dim,)
     A_bar    decay = exp(dt * A)     discretised A, (batch_size, L, inner_dim, N)
-    B_bar x  dt * B * x              discretised input, (batch_size, L, inner_dim, N)
-    the recurrence: h_t = A_bar_t * h_(t-1) + B_bar_t x_t,  y_t = C_t . h_t + D * x_t   (see sequential_scan)
+    B_bar x  inputs = dt * B * x     discretised input, (batch_size, L, inner_dim, N)
+    the recurrence: h_t = A_bar_t * h_(t-1) + B_bar_t x_t,  y_t = C_t . h_t + D * x_t   (see sequential_scan and
+    selective_scan)
 
     python mamba_jax.py                        # train on data/stories.txt, then sample
     python mamba_jax.py --scan=sequential      # the plain loop over time: the same numbers, slower
@@ -76,7 +82,7 @@ class Config:
     dt_rank: int = 0  # rank of the projection that makes dt; 0 = the reference's rule, ceil(model_dim / 16)
     dt_min: float = 0.001  # at init, dt is drawn log-uniformly in [dt_min, dt_max] for each channel
     dt_max: float = 0.1  # (a channel with small dt remembers long, one with large dt follows its input)
-    scan: str = "parallel"  # how training runs the recurrence: parallel (log-depth) or sequential (a loop over time)
+    scan: str = "parallel"  # how the forward pass runs the recurrence: parallel (log-depth) or sequential (a loop)
     batch_size: int = 8  # sequences per training step
     steps: int = 1500  # optimizer steps in total
     learning_rate: float = 2e-3  # peak learning rate, reached after warmup
@@ -109,7 +115,7 @@ DT_FLOOR = 1e-4  # the reference clamps the initial dt to at least this (its dt_
 
 # the reference's inits, as jax initializers: nn.Linear's and nn.Conv1d's default, U(-1/sqrt(fan_in), 1/sqrt(fan_in))
 torch_default = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")  # bound sqrt(3 * scale / fan_in)
-normal = nnx.initializers.normal  # N(0, 0.02) for the embedding
+normal = nnx.initializers.normal  # N(0, 0.02) for the embedding, the reference's initializer_range
 
 
 class RMSNorm(nnx.Module):
@@ -130,7 +136,8 @@ class RMSNorm(nnx.Module):
 def sequential_scan(decay, inputs):
     """The recurrence as written, one position at a time from h = 0: h_t = decay_t * h_(t-1) + inputs_t. decay and
     inputs: (batch_size, seq_len, inner_dim, state_dim); returns every h_t, the same shape. seq_len dependent steps of
-    tiny operations (jax.lax.scan: the loop compiled once, not unrolled): kept for reading and the tests."""
+    tiny operations (jax.lax.scan: the loop compiled once, not unrolled): kept for reading and for the tests
+    (--scan=sequential)."""
     def update(h, position):
         decay_t, inputs_t = position
         h = decay_t * h + inputs_t  # (batch_size, inner_dim, state_dim)
@@ -141,16 +148,15 @@ def sequential_scan(decay, inputs):
 
 
 def parallel_scan(decay, inputs):
-    """The same h_t in about 2 log2(seq_len) rounds of whole-tensor operations. One position's update is the affine
-    map h -> a * h + b, (a, b) = (decay_t, inputs_t); two in a row compose into one, (a1, b1) then (a2, b2) gives
-    (a1 * a2, a2 * b1 + b2), and composition is associative, so the positions can be grouped in any order (Blelloch
-    1990, "Prefix sums and their applications"). jax.lax.associative_scan takes the composition and does the rest:
-    compose neighbours (0, 1), (2, 3), ... into a sequence half as long, scan it recursively, which gives h at every
-    odd position, then each even position is one update from the odd one before it. It is exact: the loop's products
-    and sums, only associated differently (float32 rounding, ~1e-7 relative); a product of many decays underflows to
-    0 where the loop's contribution does too. Memory: each level keeps tensors half the size of the level above,
-    about 2x the inputs in all, and O(seq_len) work. jax differentiates through it (torch's twin writes the
-    gradient out)."""
+    """The same h_t in about 2 log2(seq_len) rounds of whole-tensor operations. One position's update is the affine map
+    h -> a * h + b, (a, b) = (decay_t, inputs_t); two in a row compose into one, (a1, b1) then (a2, b2) gives (a1 * a2,
+    a2 * b1 + b2), and composition is associative, so the positions can be grouped in any order (Blelloch 1990, "Prefix
+    sums and their applications"). jax.lax.associative_scan takes the composition and does the rest: compose neighbours
+    (0, 1), (2, 3), ... into a sequence half as long, scan it recursively, which gives h at every odd position, then
+    each even position is one update from the odd one before it. It is exact: the loop's products and sums, only
+    associated differently (float32 rounding, ~1e-7 of the states' size); a product of many decays underflows to 0 where
+    the loop's contribution does too. Memory: each level keeps tensors half the size of the level above, about 2x the
+    inputs in all, and O(seq_len) work. jax differentiates through it (torch's twin writes the gradient out)."""
     def compose(first, second):
         (a1, b1), (a2, b2) = first, second
         return a1 * a2, a2 * b1 + b2
@@ -164,7 +170,8 @@ def selective_scan(x, dt, A, B, C, D, h, scan):
     Discretisation: A_bar = exp(dt * A) exactly (zero-order hold), but B_bar = dt * B, the first-order form of
     zero-order hold's (dt A)^-1 (exp(dt A) - 1) dt B, which the reference uses: the two agree as dt * A -> 0, and the
     simpler one costs no division. x, dt: (batch_size, seq_len, inner_dim); A: (inner_dim, state_dim); B, C:
-    (batch_size, seq_len, state_dim); D: (inner_dim,); h: (batch_size, inner_dim, state_dim)."""
+    (batch_size, seq_len, state_dim); D: (inner_dim,); h: (batch_size, inner_dim, state_dim). Every h_t is held in
+    memory, (batch_size, seq_len, inner_dim, state_dim), which the reference's fused CUDA kernel avoids."""
     decay = jnp.exp(dt[..., None] * A)  # (batch_size, seq_len, inner_dim, state_dim) A_bar, in (0, 1)
     inputs = (dt * x)[..., None] * B[:, :, None, :]  # (batch_size, seq_len, inner_dim, state_dim) B_bar x
     if h is not None:  # a carried state enters as part of the first input: a_0 h + b_0
@@ -175,10 +182,10 @@ def selective_scan(x, dt, A, B, C, D, h, scan):
 
 
 class CausalConv(nnx.Module):
-    """A depthwise causal convolution over time (the reference's conv1d, an nn.Conv1d with groups=inner_dim and
-    conv_width - 1 zeros of padding on the left): each channel mixes its own last conv_width inputs and never a later
-    one. Written as conv_width shifted multiply-adds, so the same code serves a whole sequence (training) and one new
-    input after the conv_width - 1 carried ones (sampling)."""
+    """A depthwise causal convolution over time (the reference's conv1d: an nn.Conv1d with groups=inner_dim, padding
+    conv_width - 1 and the first seq_len outputs kept, the same as conv_width - 1 zeros on the left): each channel mixes
+    its own last conv_width inputs and never a later one. Written as conv_width shifted multiply-adds, so the same code
+    serves a whole sequence (training) and one new input after the conv_width - 1 carried ones (sampling)."""
 
     def __init__(self, inner_dim, conv_width, rngs):
         bound = conv_width**-0.5  # nn.Conv1d's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = conv_width
@@ -236,11 +243,11 @@ class Mixer(nnx.Module):
         x, inputs_before = self.conv1d(x, inputs_before)
         x = jax.nn.silu(x)
         # the selection: the step size dt and the maps B, C are functions of each token
-        dt, B, C = jnp.split(self.x_proj(x), [self.dt_rank, self.dt_rank + self.state_dim], axis=-1)
+        dt, B, C = jnp.split(self.x_proj(x), [self.dt_rank, self.dt_rank + self.state_dim], axis=-1)  # dt: dt_rank
         dt = jax.nn.softplus(self.dt_proj(dt))  # (batch_size, seq_len, inner_dim) Delta > 0: how far this token moves h
         A = -jnp.exp(self.A_log[...])  # (inner_dim, state_dim)
-        y, h = selective_scan(x, dt, A, B, C, self.D[...], h, self.scan)  # (batch_size, seq_len, inner_dim)
-        return self.out_proj(y * jax.nn.silu(z)), (inputs_before, h)
+        y, h = selective_scan(x, dt, A, B, C, self.D[...], h, self.scan)  # y: (batch_size, seq_len, inner_dim)
+        return self.out_proj(y * jax.nn.silu(z)), (inputs_before, h)  # (batch_size, seq_len, model_dim), new state
 
 
 class Block(nnx.Module):

@@ -10,19 +10,25 @@ float32 RMSNorm (eps 1e-5), an output head tied to the embedding.
 
 Glossary: the paper's symbols (section 3, Algorithm 2) and their names and shapes here
     L        seq_len                 sequence length
-    D        model_dim               width of the residual stream (the paper's D; not the skip weight D below)
-    E        expand                  inner_dim = E * D: the mixer works in a wider space
+    D        model_dim               width of the residual stream (section 3.4; Algorithm 2's D, the SSM's channels,
+                                     is inner_dim here; and not the skip weight D below)
+    E        expand                  inner_dim = E * D channels: the mixer works in a wider space, each channel
+                                     with its own hidden state of N numbers
     N        state_dim               the size of each channel's hidden state
-    x        x                       the mixer's input after in_proj and the causal conv, (batch_size, L, inner_dim)
-    y        y                       the scan's output, (batch_size, L, inner_dim)
+    x        x                       the SSM's input: in_proj's first half after the causal conv and SiLU,
+                                     (batch_size, L, inner_dim)
+    z        z                       the gate, in_proj's second half: out_proj(y * silu(z)), (batch_size, L, inner_dim)
+    y        y                       the SSM's output, (batch_size, L, inner_dim)
     h        h                       the hidden state, (batch_size, inner_dim, N) per position
     Delta    dt                      step size per token and channel, softplus(dt_proj(..)), (batch_size, L, inner_dim)
-    A        A = -exp(A_log)         per-channel decay rates, input-independent, (inner_dim, N)
+    A        A = -exp(A_log)         negative: -A are the decay rates, per channel and state, input-independent,
+                                     (inner_dim, N)
     B, C     B, C                    per-token input and output maps, from x_proj, (batch_size, L, N)
     D        D                       skip weight, y += D * x, (inner_dim,)
     A_bar    decay = exp(dt * A)     discretised A, (batch_size, L, inner_dim, N)
-    B_bar x  dt * B * x              discretised input, (batch_size, L, inner_dim, N)
-    the recurrence: h_t = A_bar_t * h_(t-1) + B_bar_t x_t,  y_t = C_t . h_t + D * x_t   (see sequential_scan)
+    B_bar x  inputs = dt * B * x     discretised input, (batch_size, L, inner_dim, N)
+    the recurrence: h_t = A_bar_t * h_(t-1) + B_bar_t x_t,  y_t = C_t . h_t + D * x_t   (see sequential_scan and
+    selective_scan)
 
     python mamba_torch.py                        # train on data/stories.txt, then sample
     python mamba_torch.py --scan=sequential      # the plain loop over time: the same numbers, slower
@@ -72,7 +78,7 @@ class Config:
     dt_rank: int = 0  # rank of the projection that makes dt; 0 = the reference's rule, ceil(model_dim / 16)
     dt_min: float = 0.001  # at init, dt is drawn log-uniformly in [dt_min, dt_max] for each channel
     dt_max: float = 0.1  # (a channel with small dt remembers long, one with large dt follows its input)
-    scan: str = "parallel"  # how training runs the recurrence: parallel (log-depth) or sequential (a loop over time)
+    scan: str = "parallel"  # how the forward pass runs the recurrence: parallel (log-depth) or sequential (a loop)
     batch_size: int = 8  # sequences per training step
     steps: int = 1500  # optimizer steps in total
     learning_rate: float = 2e-3  # peak learning rate, reached after warmup
@@ -132,15 +138,15 @@ def sequential_scan(decay, inputs):
 
 
 def parallel_scan(decay, inputs):
-    """The same h_t in about 2 log2(seq_len) rounds of whole-tensor operations. One position's update is the affine
-    map h -> a * h + b, (a, b) = (decay_t, inputs_t); two in a row compose into one, (a1, b1) then (a2, b2) gives
-    (a1 * a2, a2 * b1 + b2), and composition is associative, so the positions can be grouped in any order (Blelloch
-    1990, "Prefix sums and their applications"). Here: compose neighbours (0, 1), (2, 3), ... into a sequence half
-    as long and scan it recursively, which gives h at every odd position; each even position is then one update
-    from the odd one before it. jax.lax.associative_scan runs this recursion. It is exact: the loop's products and
-    sums, only associated differently (float32 rounding, ~1e-7 relative); a product of many decays underflows to 0
-    where the loop's contribution does too. Memory: each level keeps tensors half the size of the level above, about
-    2x the inputs in all, and O(seq_len) work. Training calls it through ParallelScan, which adds the gradient."""
+    """The same h_t in about 2 log2(seq_len) rounds of whole-tensor operations. One position's update is the affine map
+    h -> a * h + b, (a, b) = (decay_t, inputs_t); two in a row compose into one, (a1, b1) then (a2, b2) gives (a1 * a2,
+    a2 * b1 + b2), and composition is associative, so the positions can be grouped in any order (Blelloch 1990, "Prefix
+    sums and their applications"). Here: compose neighbours (0, 1), (2, 3), ... into a sequence half as long and scan it
+    recursively, which gives h at every odd position; each even position is then one update from the odd one before it.
+    jax.lax.associative_scan runs this recursion. It is exact: the loop's products and sums, only associated differently
+    (float32 rounding, ~1e-7 of the states' size); a product of many decays underflows to 0 where the loop's
+    contribution does too. Memory: each level keeps tensors half the size of the level above, about 2x the inputs in
+    all, and O(seq_len) work. selective_scan calls it through ParallelScan, which adds the gradient."""
     seq_len = inputs.shape[1]
     if seq_len == 1:
         return inputs  # h_0 = b_0 (from h = 0)
@@ -157,9 +163,10 @@ def parallel_scan(decay, inputs):
 
 
 class ParallelScan(torch.autograd.Function):
-    """parallel_scan with its gradient written out. With G_t the loss's gradient with respect to h_t through every
-    later position, G_t = dL/dh_t + decay_(t+1) * G_(t+1): the same recurrence run backward in time, so it is one
-    more parallel_scan, over the reversed sequence. Then dL/dinputs_t = G_t and dL/ddecay_t = G_t * h_(t-1). Autograd
+    """parallel_scan with its gradient written out. With G_t the loss's whole gradient with respect to h_t (directly,
+    and through every later position), G_t = dloss/dh_t + decay_(t+1) * G_(t+1): the same recurrence run backward in
+    time, so it is one more parallel_scan, over the reversed sequence. Then dloss/dinputs_t = G_t and
+    dloss/ddecay_t = G_t * h_(t-1). Autograd
     through the recursion instead keeps every level and copies every slice's gradient: 2.5x slower here."""
 
     @staticmethod
@@ -184,7 +191,8 @@ def selective_scan(x, dt, A, B, C, D, h, scan):
     Discretisation: A_bar = exp(dt * A) exactly (zero-order hold), but B_bar = dt * B, the first-order form of
     zero-order hold's (dt A)^-1 (exp(dt A) - 1) dt B, which the reference uses: the two agree as dt * A -> 0, and the
     simpler one costs no division. x, dt: (batch_size, seq_len, inner_dim); A: (inner_dim, state_dim); B, C:
-    (batch_size, seq_len, state_dim); D: (inner_dim,); h: (batch_size, inner_dim, state_dim)."""
+    (batch_size, seq_len, state_dim); D: (inner_dim,); h: (batch_size, inner_dim, state_dim). Every h_t is held in
+    memory, (batch_size, seq_len, inner_dim, state_dim), which the reference's fused CUDA kernel avoids."""
     decay = torch.exp(dt[..., None] * A)  # (batch_size, seq_len, inner_dim, state_dim) A_bar, in (0, 1)
     inputs = (dt * x)[..., None] * B[:, :, None, :]  # (batch_size, seq_len, inner_dim, state_dim) B_bar x
     if h is not None:  # a carried state enters as part of the first input: a_0 h + b_0
@@ -195,10 +203,10 @@ def selective_scan(x, dt, A, B, C, D, h, scan):
 
 
 class CausalConv(nn.Module):
-    """A depthwise causal convolution over time (the reference's conv1d, an nn.Conv1d with groups=inner_dim and
-    conv_width - 1 zeros of padding on the left): each channel mixes its own last conv_width inputs and never a later
-    one. Written as conv_width shifted multiply-adds, so the same code serves a whole sequence (training) and one new
-    input after the conv_width - 1 carried ones (sampling)."""
+    """A depthwise causal convolution over time (the reference's conv1d: an nn.Conv1d with groups=inner_dim, padding
+    conv_width - 1 and the first seq_len outputs kept, the same as conv_width - 1 zeros on the left): each channel mixes
+    its own last conv_width inputs and never a later one. Written as conv_width shifted multiply-adds, so the same code
+    serves a whole sequence (training) and one new input after the conv_width - 1 carried ones (sampling)."""
 
     def __init__(self, inner_dim, conv_width):
         super().__init__()
@@ -241,6 +249,7 @@ class Mixer(nn.Module):
             dt = torch.exp(torch.empty(inner_dim).uniform_(math.log(config.dt_min), math.log(config.dt_max)))
             dt = dt.clamp(min=DT_FLOOR)
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            # the reference's dt_init_std, a bound despite its name: nn.Linear's default too, as fan_in = dt_rank
             self.dt_proj.weight.uniform_(-self.dt_rank**-0.5, self.dt_rank**-0.5)
             # the other linear maps keep nn.Linear's U(-1/sqrt(fan_in), 1/sqrt(fan_in)); out_proj, which writes into
             # the residual stream, is divided by sqrt(num_layers) so the stream's variance does not grow with depth
@@ -256,11 +265,11 @@ class Mixer(nn.Module):
         x, inputs_before = self.conv1d(x, inputs_before)
         x = F.silu(x)
         # the selection: the step size dt and the maps B, C are functions of each token
-        dt, B, C = self.x_proj(x).split([self.dt_rank, self.state_dim, self.state_dim], dim=-1)
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.state_dim, self.state_dim], dim=-1)  # dt: dt_rank wide
         dt = F.softplus(self.dt_proj(dt))  # (batch_size, seq_len, inner_dim) Delta > 0: how far this token moves h
         A = -torch.exp(self.A_log)  # (inner_dim, state_dim)
-        y, h = selective_scan(x, dt, A, B, C, self.D, h, self.scan)  # (batch_size, seq_len, inner_dim)
-        return self.out_proj(y * F.silu(z)), (inputs_before, h)
+        y, h = selective_scan(x, dt, A, B, C, self.D, h, self.scan)  # y: (batch_size, seq_len, inner_dim)
+        return self.out_proj(y * F.silu(z)), (inputs_before, h)  # (batch_size, seq_len, model_dim), the new state
 
 
 class Block(nn.Module):
