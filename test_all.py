@@ -219,8 +219,9 @@ def assert_cli_refuses(modules, family_cases, user_runs):
         data, out_dir = write_tiny_corpus(tmp), f"{tmp}/out"
         cases = mistakes_every_script_refuses(tmp) + family_cases
         for module in modules:
-            for args, word in cases:
-                status, lines = exit_of(module, [f"--data={data}", f"--out_dir={out_dir}", *args])
+            for args, word in cases:  # a short run first: should a refusal be missing, the test fails in seconds
+                short = ["--steps=1", "--warmup_steps=0", "--eval_steps=1", "--sample_tokens=0"]
+                status, lines = exit_of(module, [f"--data={data}", f"--out_dir={out_dir}", *short, *args])
                 assert status == 2 and len(lines) == 1 and word in lines[0], (module.__name__, args, status, lines)
         assert not os.path.exists(out_dir)
         commands = [[script, f"--data={data}", f"--out_dir={out_dir}", *args] for script, args in user_runs]
@@ -1925,6 +1926,49 @@ def test_mamba_torch_jax_parity():
         assert np.abs(logits.numpy()).max() > 0.1  # the comparison is not between two near-zero outputs
 
 
+def numpy_mamba_logits(torch_model, tokens):
+    """The reference's forward pass (state-spaces/mamba's Mamba module and selective_scan_ref; Hugging Face's
+    MambaMixer.slow_forward), written again here in float64 numpy with loops over time, from the torch model's
+    weights: the conv as a sum over the last conv_width inputs, the SSM as the plain recurrence."""
+    weights = {name: p.detach().double().numpy() for name, p in torch_model.named_parameters()}
+    rms_norm = lambda x, weight: x / np.sqrt((x**2).mean(-1, keepdims=True) + 1e-5) * weight
+    silu = lambda x: x / (1 + np.exp(-x))
+    x = weights["token_embedding.weight"][tokens]  # (batch, length, model_dim)
+    batch, length = tokens.shape
+    for layer in range(len(torch_model.blocks)):
+        w = lambda name: weights[f"blocks.{layer}.{name}"]
+        signal_and_gate = rms_norm(x, w("norm.weight")) @ w("mixer.in_proj.weight").T
+        inner = signal_and_gate.shape[-1] // 2
+        u, z = signal_and_gate[..., :inner], signal_and_gate[..., inner:]
+        kernel = w("mixer.conv1d.weight")[:, 0]  # (inner, conv_width)
+        width = kernel.shape[1]
+        padded = np.concatenate([np.zeros((batch, width - 1, inner)), u], axis=1)
+        u = silu(np.stack([(padded[:, t : t + width] * kernel.T).sum(1) for t in range(length)], 1)
+                 + w("mixer.conv1d.bias"))
+        rank, state = w("mixer.dt_proj.weight").shape[1], w("mixer.A_log").shape[1]
+        projected = u @ w("mixer.x_proj.weight").T  # [dt, B, C]
+        delta = np.log1p(np.exp(projected[..., :rank] @ w("mixer.dt_proj.weight").T + w("mixer.dt_proj.bias")))
+        B, C = projected[..., rank : rank + state], projected[..., rank + state :]
+        A = -np.exp(w("mixer.A_log"))
+        h, y = np.zeros((batch, inner, state)), np.zeros((batch, length, inner))
+        for t in range(length):
+            h = np.exp(delta[:, t, :, None] * A) * h + delta[:, t, :, None] * B[:, t, None, :] * u[:, t, :, None]
+            y[:, t] = (h * C[:, t, None, :]).sum(-1) + w("mixer.D") * u[:, t]
+        x = x + (y * silu(z)) @ w("mixer.out_proj.weight").T
+    return rms_norm(x, weights["final_norm.weight"]) @ weights["token_embedding.weight"].T
+
+
+def test_mamba_equals_a_numpy_reference():
+    """The torch model's logits equal numpy_mamba_logits, the reference's computation written again (1e-5); the jax
+    twin equals torch (test_mamba_torch_jax_parity). The norm weights, D and the biases are off their init values
+    (build_twins), so each one is seen."""
+    torch_model, _ = mamba_pair()
+    tokens = np.random.default_rng(6).integers(0, 61, size=MAMBA_TOKENS)
+    reference = numpy_mamba_logits(torch_model, tokens)
+    assert np.abs(torch_logits(torch_model, tokens) - reference).max() < 1e-5
+    assert np.abs(reference).max() > 0.1
+
+
 def test_mamba_parallel_scan_equals_sequential_scan():
     """parallel_scan equals the plain loop (1e-5 of the largest state) in both frameworks: dt over the init range
     [1e-3, 0.1] (decays near 1: long memory) at odd and even lengths; and 1000 positions with larger dt, where the
@@ -2037,22 +2081,25 @@ def test_mamba_parameter_count_and_init():
     torch_model, jax_model = mamba_pair()
     assert sum(p.numel() for p in torch_model.parameters()) == expected
     assert sum(p.size for p in jax.tree.leaves(nnx.state(jax_model, nnx.Param))) == expected
-    big = dict(model_dim=256, num_layers=4, dt_min=0.002, dt_max=0.05)  # inner_dim 512, dt_rank 16
+    # inner_dim 528; dt_rank ceil(264 / 16) = 17; a dt range where softplus is far from the identity
+    big = dict(model_dim=264, num_layers=4, dt_min=0.2, dt_max=2.0)
     torch.manual_seed(0)
     for model in (mamba_torch.Mamba(mamba_config(mamba_torch, **big)),
                   mamba_jax.Mamba(mamba_config(mamba_jax, **big), nnx.Rngs(0))):
         array = lambda p: np.asarray(p.detach() if isinstance(p, torch.Tensor) else p[...])
         weight = lambda linear: array(linear.weight) if hasattr(linear, "weight") else array(linear.kernel)
         mixer = model.blocks[2].mixer
-        assert np.allclose(array(mixer.A_log), np.log(np.arange(1, 9))[None].repeat(512, 0), atol=1e-6)
+        assert mixer.dt_rank == 17 and {block.norm.eps for block in model.blocks} | {model.final_norm.eps} == {1e-5}
+        assert np.allclose(array(mixer.A_log), np.log(np.arange(1, 9))[None].repeat(528, 0), atol=1e-6)
         assert np.all(array(mixer.D) == 1)
         dt = np.log1p(np.exp(array(mixer.dt_proj.bias).astype(np.float64)))  # softplus
-        assert 0.002 * (1 - 1e-5) <= dt.min() < 0.0025 and 0.04 < dt.max() <= 0.05 * (1 + 1e-5), (dt.min(), dt.max())
-        assert 0.4 < np.mean(np.log(dt / 0.002) / np.log(0.05 / 0.002)) < 0.6  # log-uniform: centred in log space
-        for values, bound in ((weight(mixer.dt_proj), 16**-0.5), (weight(mixer.in_proj), 256**-0.5),
-                              (weight(mixer.out_proj), 512**-0.5 / 2), (array(mixer.conv1d.weight), 0.5),
+        assert 0.2 * (1 - 1e-5) <= dt.min() < 0.25 and 1.6 < dt.max() <= 2.0 * (1 + 1e-5), (dt.min(), dt.max())
+        assert 0.4 < np.mean(np.log(dt / 0.2) / np.log(2.0 / 0.2)) < 0.6  # log-uniform: centred in log space
+        for values, bound in ((weight(mixer.dt_proj), 17**-0.5), (weight(mixer.in_proj), 264**-0.5),
+                              (weight(mixer.out_proj), 528**-0.5 / 2), (array(mixer.conv1d.weight), 0.5),
                               (array(mixer.conv1d.bias), 0.5)):
-            assert np.abs(values).max() <= bound and abs(values.std() - bound / math.sqrt(3)) < 0.1 * bound, bound
+            assert np.abs(values).max() <= bound * (1 + 1e-6), bound  # uniform in +-bound: std bound / sqrt(3)
+            assert abs(values.std() - bound / math.sqrt(3)) < 0.1 * bound, bound
         embedding = array(model.token_embedding.weight if hasattr(model.token_embedding, "weight")
                           else model.token_embedding.embedding)
         assert abs(embedding.std() - 0.02) < 0.002
@@ -2135,8 +2182,8 @@ def test_mamba_cli_errors():
 
 def test_mamba_resume_equals_uninterrupted():
     """Train 6 steps, save, resume to 12: the losses of steps 7..12 and every saved array equal an uninterrupted
-    12-step run; resuming with another state_dim is refused, with another scan or seq_len it is not (they do not
-    change the weights' meaning) and continues."""
+    12-step run; resuming with another state_dim, conv_width, expand or dt_rank is refused, with another scan or
+    seq_len it is not (they do not change the weights' meaning) and continues."""
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         data = write_tiny_corpus(tmp)
@@ -2159,7 +2206,9 @@ def test_mamba_resume_equals_uninterrupted():
                 a, b = (np.load(f"{run}/{name}/ckpt.npz") for name in ("whole", "part"))
                 assert all(np.array_equal(a[name], b[name]) for name in a.files if name != "meta")
             part = common + [f"--out_dir={run}/part", "--steps=13", "--resume=true"]
-            assert_refused(module, part + ["--state_dim=8"], "state_dim=16, not 8", run)
+            for option, word in (("--state_dim=8", "state_dim=16, not 8"), ("--conv_width=2", "conv_width=4, not 2"),
+                                 ("--expand=1", "expand=2, not 1"), ("--dt_rank=3", "dt_rank=0, not 3")):
+                assert_refused(module, part + [option], word, run)
             assert "resuming from step 12" in run_main(module, part + ["--scan=sequential", "--seq_len=8"])
 
 
