@@ -2110,7 +2110,7 @@ def test_mamba_training_steps_match_across_frameworks():
     jax's through associative_scan): losses 1e-4, weights 1e-5; at MAMBA_RUN's sizes and the default optimizer (the
     train step the runs compile). A_log is a matrix but not decayed: from a fresh optimizer and a zero gradient,
     weight decay alone moves in_proj and leaves A_log where it was, in both frameworks."""
-    overrides = dict(MAMBA_RUN, steps=3, warmup_steps=2, learning_rate=2e-2, min_learning_rate=1e-3)
+    overrides = dict(MAMBA_RUN, steps=3, warmup_steps=2, learning_rate=1e-2, min_learning_rate=1e-3)
     torch_model, jax_model = build_mamba_pair(overrides)
     torch_model.train()
     config = mamba_config(mamba_torch, **overrides)
