@@ -508,8 +508,8 @@ def model_checks(config):
     model script."""
     return [
         (config.dt_rank >= 0, f"--dt_rank={config.dt_rank} must be >= 0 (0: the reference's ceil(model_dim / 16))"),
-        (0 < config.dt_min < config.dt_max,
-         f"--dt_min={config.dt_min} and --dt_max={config.dt_max} need 0 < dt_min < dt_max"),
+        (0 < config.dt_min < config.dt_max <= 100,  # dt = 100 already forgets everything: exp(-100 * n) = 0
+         f"--dt_min={config.dt_min} and --dt_max={config.dt_max} need 0 < dt_min < dt_max <= 100"),
         (config.scan in SCANS, f"--scan={config.scan} is not one of {', '.join(SCANS)}"),
         (16 * config.conv_width * config.expand * config.model_dim < MEMORY,  # 16 bytes a weight, with AdamW
          f"--conv_width={config.conv_width} needs more than this machine's memory; use a smaller one"),
@@ -579,12 +579,15 @@ def parse_config(argv=None):
 def check_memory(config):
     """Refuse (exit 2) sizes whose training cannot fit in this machine's memory, before any work. A lower bound:
     every block holds in_proj and out_proj, 3 * inner_dim * model_dim weights, a weight costs 16 bytes with its
-    gradient and AdamW's two moments, and backward keeps at least the logits, their gradient, and per block and
-    token the scan's decays, inputs and states, 3 * inner_dim * state_dim numbers (the twins refuse alike)."""
+    gradient and AdamW's two moments, and backward keeps at least the logits, their gradient, per block and token
+    the scan's decays, inputs and states, 3 * inner_dim * state_dim numbers, and per block the conv's window over
+    conv_width - 1 + seq_len positions (the twins refuse alike)."""
     inner_dim = config.expand * config.model_dim
     weights = config.vocab_size * config.model_dim + 3 * config.num_layers * inner_dim * config.model_dim
     tokens = config.batch_size * config.seq_len
-    needed = 16 * weights + 4 * tokens * (2 * config.vocab_size + 3 * config.num_layers * inner_dim * config.state_dim)
+    window = config.batch_size * (config.conv_width - 1 + config.seq_len) * inner_dim
+    needed = (16 * weights + 4 * tokens * (2 * config.vocab_size + 3 * config.num_layers * inner_dim * config.state_dim)
+              + 4 * config.num_layers * window)
     if needed >= MEMORY:
         fail(f"training this model needs at least {needed / 2**30:.1f} GiB of memory, this machine has "
              f"{MEMORY / 2**30:.1f}; use a smaller --batch_size, --seq_len, --model_dim, --expand, --state_dim or "

@@ -2171,8 +2171,10 @@ def test_mamba_cli_errors():
         (["--dt_min=0"], "dt_min"),
         (["--dt_max=-1"], "dt_max"),
         (["--dt_max=nan"], "finite"),
+        (["--dt_max=1e38"], "dt_max"),  # finite, but the weights' norm would overflow
         (["--expand=100000", "--model_dim=100000"], "memory"),
         (["--conv_width=1000000000000"], "conv_width"),
+        (["--conv_width=2000000"], "training this model needs"),  # its window of inputs, every sequence and layer
         (["--num_heads=4"], "--num_heads"),  # no attention, no heads
         (["--rope_scaling=2"], "--rope_scaling"),  # no positions
     ]
