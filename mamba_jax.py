@@ -467,8 +467,9 @@ def make_next_token(graphdef, temperature, top_k):
 def generate(model, prompt, max_new_tokens, temperature, top_k, key, recurrent=True):
     """Sample max_new_tokens tokens one at a time. The prompt runs through the parallel forward pass once (prefill);
     its final states go to the recurrent step, which takes each new token in the same time and memory: nothing grows
-    with the text (no KV cache: the states are all the model keeps of the past), so sampling runs past seq_len. recurrent=False reruns the forward pass over the whole text at
-    every step: the slow path, kept for the tests and the benchmark."""
+    with the text (no KV cache: the states are all the model keeps of the past), so sampling runs past seq_len.
+    recurrent=False reruns the forward pass over the whole text at every step: the slow path, kept for the tests and
+    the benchmark."""
     graphdef, state = nnx.split(model)
     next_token = partial(make_next_token(graphdef, temperature, top_k), nnx.to_pure_dict(state))
     tokens, states = list(prompt), None

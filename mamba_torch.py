@@ -503,8 +503,9 @@ def next_token(model, tokens, states, last, temperature, top_k):
 def generate(model, prompt, max_new_tokens, temperature, top_k, recurrent=True):
     """Sample max_new_tokens tokens one at a time. The prompt runs through the parallel forward pass once (prefill);
     its final states go to the recurrent step, which takes each new token in the same time and memory: nothing grows
-    with the text (no KV cache: the states are all the model keeps of the past), so sampling runs past seq_len. recurrent=False reruns the forward pass over the whole text at
-    every step: the slow path, kept for the tests and the benchmark."""
+    with the text (no KV cache: the states are all the model keeps of the past), so sampling runs past seq_len.
+    recurrent=False reruns the forward pass over the whole text at every step: the slow path, kept for the tests and
+    the benchmark."""
     model.eval()
     tokens, states = list(prompt), None
     for _ in range(max_new_tokens):
