@@ -545,8 +545,6 @@ def model_checks(config):
         (0 < config.dt_min < config.dt_max <= 100,  # dt = 100 already forgets everything: exp(-100 * n) = 0
          f"--dt_min={config.dt_min} and --dt_max={config.dt_max} need 0 < dt_min < dt_max <= 100"),
         (config.scan in SCANS, f"--scan={config.scan} is not one of {', '.join(SCANS)}"),
-        (16 * config.conv_width * config.expand * config.model_dim < MEMORY,  # 16 bytes a weight, with AdamW
-         f"--conv_width={config.conv_width} needs more than this machine's memory; use a smaller one"),
     ]
 
 
@@ -612,20 +610,23 @@ def parse_config(argv=None):
 
 def check_memory(config):
     """Refuse (exit 2) sizes whose training cannot fit in this machine's memory, before any work. A lower bound:
-    every block holds in_proj and out_proj, 3 * inner_dim * model_dim weights, a weight costs 16 bytes with its
-    gradient and AdamW's two moments, and backward keeps at least the logits, their gradient, per block and token
-    the scan's decays, inputs and states, 3 * inner_dim * state_dim numbers, and per block the conv's window over
-    conv_width - 1 + seq_len positions (the twins refuse alike)."""
+    every block holds in_proj, out_proj, the conv, x_proj, dt_proj and A_log, inner_dim * (3 * model_dim +
+    conv_width + 2 * dt_rank + 3 * state_dim) weights; a weight costs 16 bytes with its gradient and AdamW's two
+    moments; and backward keeps at least the logits, their gradient, per block and token the scan's decays, inputs
+    and states, 3 * inner_dim * state_dim numbers, and per block the conv's window over conv_width - 1 + seq_len
+    positions (the twins refuse alike)."""
     inner_dim = config.expand * config.model_dim
-    weights = config.vocab_size * config.model_dim + 3 * config.num_layers * inner_dim * config.model_dim
+    dt_rank = config.dt_rank or math.ceil(config.model_dim / 16)
+    per_block = inner_dim * (3 * config.model_dim + config.conv_width + 2 * dt_rank + 3 * config.state_dim)
+    weights = config.vocab_size * config.model_dim + config.num_layers * per_block
     tokens = config.batch_size * config.seq_len
     window = config.batch_size * (config.conv_width - 1 + config.seq_len) * inner_dim
     needed = (16 * weights + 4 * tokens * (2 * config.vocab_size + 3 * config.num_layers * inner_dim * config.state_dim)
               + 4 * config.num_layers * window)
     if needed >= MEMORY:
         fail(f"training this model needs at least {needed / 2**30:.1f} GiB of memory, this machine has "
-             f"{MEMORY / 2**30:.1f}; use a smaller --batch_size, --seq_len, --model_dim, --expand, --state_dim or "
-             f"--num_layers")
+             f"{MEMORY / 2**30:.1f}; use a smaller --batch_size, --seq_len, --model_dim, --expand, --state_dim, "
+             f"--dt_rank, --conv_width or --num_layers")
 
 
 def read_file(path, read, what):

@@ -285,6 +285,31 @@ def parse_losses(stdout):
     return [float(v) for v in re.findall(r"^step +\d+/\d+ \| loss ([0-9.]+)", stdout, re.M)]
 
 
+def assert_same_checkpoints(first, second):
+    """Two checkpoint files (either framework's) hold the same arrays, bit for bit; returns the first's arrays."""
+    if first.endswith(".pt"):
+        a, b = (torch.load(path, weights_only=True) for path in (first, second))
+        assert all(torch.equal(a[name], b[name]) for name in a if name != "meta")
+        return {name: value.numpy() for name, value in a.items() if isinstance(value, torch.Tensor)}
+    a, b = (np.load(path) for path in (first, second))
+    assert all(np.array_equal(a[name], b[name]) for name in a.files if name != "meta")
+    return {name: a[name] for name in a.files}
+
+
+def assert_resume_equals_uninterrupted(module, args, folder):
+    """Train 12 steps into folder/whole; 6 into folder/part, then resume those to 12: the log lines' losses of steps
+    7..12 and every saved array equal the uninterrupted run's (args keep the learning rate constant, so the schedule
+    does not depend on --steps). Returns the arguments that resume folder/part."""
+    whole = run_main(module, args + [f"--out_dir={folder}/whole", "--steps=12"])
+    run_main(module, args + [f"--out_dir={folder}/part", "--steps=6"])
+    resumed = run_main(module, args + [f"--out_dir={folder}/part", "--steps=12", "--resume=true"])
+    assert "resuming from step 6" in resumed
+    tail = lambda out: [line.split(" | ")[:2] for line in out.splitlines() if re.match(r"step +([7-9]|1\d)/", line)]
+    assert len(tail(whole)) == 6 and tail(whole) == tail(resumed), module.__name__
+    assert_same_checkpoints(*(f"{folder}/{run}/{module.CHECKPOINT}" for run in ("whole", "part")))
+    return args + [f"--out_dir={folder}/part", "--resume=true"]
+
+
 # -----------------------------------------------------------------------------
 # The corpus: data/make_stories.py, data/stories.txt, data/stories.txt.floor.json
 
@@ -1270,19 +1295,8 @@ def test_llama_resume_equals_uninterrupted():
         common = [f"--data={data}", "--seq_len=16", "--num_layers=1", "--model_dim=32", "--batch_size=4",
                   "--warmup_steps=2", "--learning_rate=1e-3", "--min_learning_rate=1e-3", "--qk_norm=true",
                   "--log_interval=1", "--eval_interval=100", "--eval_steps=1", "--sample_tokens=0"]
-        for module, checkpoint in ((llama_torch, "ckpt.pt"), (llama_jax, "ckpt.npz")):
-            whole = run_main(module, common + [f"--out_dir={tmp}/whole", "--steps=12"])
-            run_main(module, common + [f"--out_dir={tmp}/part", "--steps=6"])
-            resumed = run_main(module, common + [f"--out_dir={tmp}/part", "--steps=12", "--resume=true"])
-            assert "resuming from step 6" in resumed
-            tail = lambda out: [line.split(" | ")[:2] for line in out.splitlines() if re.match(r"step +([7-9]|1\d)/", line)]
-            assert len(tail(whole)) == 6 and tail(whole) == tail(resumed), module.__name__
-            if module is llama_torch:
-                a, b = (torch.load(f"{tmp}/{run}/{checkpoint}", weights_only=True) for run in ("whole", "part"))
-                assert all(torch.equal(a[name], b[name]) for name in a if name != "meta")
-            else:
-                a, b = (np.load(f"{tmp}/{run}/{checkpoint}") for run in ("whole", "part"))
-                assert all(np.array_equal(a[name], b[name]) for name in a.files if name != "meta")
+        for module in (llama_torch, llama_jax):
+            assert_resume_equals_uninterrupted(module, common, f"{tmp}/{module.__name__}")
 
 
 # -----------------------------------------------------------------------------
@@ -1812,14 +1826,8 @@ def test_moe_resume_equals_uninterrupted():
                 assert len(tail(whole)) == 2 and tail(whole) == tail(resumed), (module.__name__, balance)
                 evals = [re.findall("^eval step +5 .*", out, re.M) for out in (whole, resumed)]
                 assert len(evals[0]) == 1 and evals[0] == evals[1]
-                if module is moe_torch:
-                    a, b = (torch.load(f"{run}/{name}/ckpt.pt", weights_only=True) for name in ("whole", "part"))
-                    assert all(torch.equal(a[name], b[name]) for name in a if name != "meta")
-                    bias = a["model.expert_bias"].numpy()
-                else:
-                    a, b = (np.load(f"{run}/{name}/ckpt.npz") for name in ("whole", "part"))
-                    assert all(np.array_equal(a[name], b[name]) for name in a.files if name != "meta")
-                    bias = a["expert_bias/expert_bias"]
+                arrays = assert_same_checkpoints(*(f"{run}/{name}/{module.CHECKPOINT}" for name in ("whole", "part")))
+                bias = arrays["model.expert_bias" if module is moe_torch else "expert_bias/expert_bias"]
                 assert bias.shape == (1, 8), bias.shape
                 assert np.any(bias != 0) if balance == "bias" else np.all(bias == 0), (module.__name__, balance, bias)
             part = [f"--out_dir={run}/part", "--steps=9", "--resume=true"]
@@ -2174,6 +2182,7 @@ def test_mamba_cli_errors():
         (["--dt_max=1e38"], "dt_max"),  # finite, but the weights' norm would overflow
         (["--expand=100000", "--model_dim=100000"], "memory"),
         (["--conv_width=1000000000000"], "conv_width"),
+        (["--dt_rank=1000000000000"], "memory"),  # x_proj and dt_proj would not fit
         (["--conv_width=2000000"], "training this model needs"),  # its window of inputs, every sequence and layer
         (["--num_heads=4"], "--num_heads"),  # no attention, no heads
         (["--rope_scaling=2"], "--rope_scaling"),  # no positions
@@ -2194,20 +2203,7 @@ def test_mamba_resume_equals_uninterrupted():
                   "--eval_interval=100", "--eval_steps=1", "--sample_tokens=0"]
         for module in (mamba_torch, mamba_jax):
             run = f"{tmp}/{module.__name__}"
-            whole = run_main(module, common + [f"--out_dir={run}/whole", "--steps=12"])
-            run_main(module, common + [f"--out_dir={run}/part", "--steps=6"])
-            resumed = run_main(module, common + [f"--out_dir={run}/part", "--steps=12", "--resume=true"])
-            assert "resuming from step 6" in resumed
-            tail = lambda out: [line.split(" | ")[:2] for line in out.splitlines()
-                                if re.match(r"step +([7-9]|1\d)/", line)]
-            assert len(tail(whole)) == 6 and tail(whole) == tail(resumed), module.__name__
-            if module is mamba_torch:
-                a, b = (torch.load(f"{run}/{name}/ckpt.pt", weights_only=True) for name in ("whole", "part"))
-                assert all(torch.equal(a[name], b[name]) for name in a if name != "meta")
-            else:
-                a, b = (np.load(f"{run}/{name}/ckpt.npz") for name in ("whole", "part"))
-                assert all(np.array_equal(a[name], b[name]) for name in a.files if name != "meta")
-            part = common + [f"--out_dir={run}/part", "--steps=13", "--resume=true"]
+            part = assert_resume_equals_uninterrupted(module, common, run) + ["--steps=13"]
             for option, word in (("--state_dim=8", "state_dim=16, not 8"), ("--conv_width=2", "conv_width=4, not 2"),
                                  ("--expand=1", "expand=2, not 1"), ("--dt_rank=3", "dt_rank=0, not 3")):
                 assert_refused(module, part + [option], word, run)
