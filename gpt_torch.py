@@ -65,9 +65,11 @@ class Config:
     log_interval: int = 100  # print the training loss every this many steps
     out_dir: str = "out/gpt_torch"  # where the checkpoint lives
     resume: bool = False  # continue from the checkpoint in out_dir
+    init_from: str = ""  # a Hugging Face model folder (config.json, *.safetensors) to start from; sets the model options
     sample_tokens: int = 300  # tokens to generate at the end
     temperature: float = 0.8  # sampling temperature (lower = more conservative)
     top_k: int = 40  # sample only among the top_k most likely tokens (0 = all)
+    prompt: str = ""  # a file to sample from: a .npy of the data's tokens (bpe.py), or text with byte data; "" = val
 
 
 POSITION_EMBEDDINGS = ("learned", "sinusoidal", "alibi")
@@ -222,31 +224,42 @@ def load_data(config):
     """The corpus as token ids split 90/10, each token's bytes (to decode samples and count bytes for bits per
     byte), and the corpus's entropy floor in val bits per byte if a <corpus>.floor.json sits beside it. Every
     file is checked before any work: a malformed one stops the script with one line naming it."""
-    corpus = re.sub(r"\.bpe\d+\.npy$", "", config.data)  # data/stories.txt.bpe1024.npy was made from data/stories.txt
-    if config.data.endswith(".npy"):  # tokenized by bpe.py; its vocabulary is in the .json of the same name
-        vocab_path = config.data[: -len(".npy")] + ".json"
-        tokens = read_file(config.data, lambda f: np.load(f, allow_pickle=False), "a .npy array")  # no pickles
-        token_bytes = read_file(vocab_path, lambda f: [bytes.fromhex(t) for t in json.load(f)["token_bytes"]],
-                                f"the vocabulary of {config.data} (bpe.py's JSON with a token_bytes list)")
-        if not (tokens.ndim == 1 and tokens.dtype.kind in "iu" and 0 < len(token_bytes) <= 2**20 and all(token_bytes)):
-            fail(f"{config.data} and {vocab_path} are not a token file and its vocabulary (a 1-D integer array, up "
-                 f"to 2**20 non-empty tokens); tokenize again with bpe.py")
-    else:
-        tokens = read_file(config.data, lambda f: np.frombuffer(f.read(), dtype=np.uint8), "a readable file")
-        token_bytes = [bytes([i]) for i in range(256)]
+    tokens, token_bytes = read_tokens(config.data)
     split = int(0.9 * len(tokens))
     train_tokens, val_tokens = tokens[:split], tokens[split:]  # the last 10% is validation
     if min(len(train_tokens), len(val_tokens)) < config.seq_len + 1:
         fail(f"{config.data} has {len(tokens)} tokens, too few for {config.seq_len + 1} in each of the train and "
              f"val splits; use a longer corpus or a smaller --seq_len")
-    if not 0 <= tokens.min() <= tokens.max() < len(token_bytes):  # embedding lookups would fail or read garbage
-        fail(f"{config.data} holds token ids outside its vocabulary of {len(token_bytes)}; tokenize again with bpe.py")
+    corpus = re.sub(r"\.[^./]+\.npy$", "", config.data)  # data/stories.txt.gpt2.npy was made from data/stories.txt
     floor = None
     if os.path.isfile(corpus + ".floor.json"):
         floor = read_file(corpus + ".floor.json", lambda f: json.load(f)["val_bpb"], "a floor file")
         if type(floor) not in (int, float) or not 0 <= floor <= 8:  # a byte holds at most 8 bits
             fail(f"{corpus}.floor.json: val_bpb is {floor!r}, not a number of bits per byte; remove or regenerate it")
     return train_tokens, val_tokens, token_bytes, floor
+
+
+def read_tokens(path):
+    """A file's token ids and each token's bytes: a .npy written by bpe.py, whose vocabulary is in the .json of the
+    same name (an id no token file uses may have no bytes: padding up to a published model's vocab_size), or any
+    other file as UTF-8 bytes (vocabulary: the 256 byte values)."""
+    if path.endswith(".npy"):
+        vocab_path = path[: -len(".npy")] + ".json"
+        tokens = read_file(path, lambda f: np.load(f, allow_pickle=False), "a .npy array")  # no pickles
+        token_bytes = read_file(vocab_path, lambda f: [bytes.fromhex(t) for t in json.load(f)["token_bytes"]],
+                                f"the vocabulary of {path} (bpe.py's JSON with a token_bytes list)")
+        if not (tokens.ndim == 1 and tokens.dtype.kind in "iu" and len(tokens) and 0 < len(token_bytes) <= 2**20):
+            fail(f"{path} and {vocab_path} are not a token file and its vocabulary (a 1-D integer array, up to 2**20 "
+                 f"tokens); tokenize again with bpe.py")
+    else:
+        tokens = read_file(path, lambda f: np.frombuffer(f.read(), dtype=np.uint8), "a readable file")
+        token_bytes = [bytes([i]) for i in range(256)]
+    # embedding lookups would fail or read garbage; a token without bytes would decode to nothing
+    if not (len(tokens) and 0 <= tokens.min() <= tokens.max() < len(token_bytes)
+            and all(token_bytes[t] for t in np.unique(tokens))):
+        fail(f"{path} is empty or holds token ids outside its vocabulary of {len(token_bytes)}; tokenize again with "
+             f"bpe.py")
+    return tokens, token_bytes
 
 
 def get_batch(tokens, rng, config):
@@ -364,16 +377,160 @@ def restore_checkpoint(checkpoint, model, optimizer, data_rng, config):
     return checkpoint["meta"]["step"]
 
 
+# Published weights: a Hugging Face model folder, read with numpy alone. config.json sets the options above and
+# each tensor of the checkpoint has one parameter here: getting a published model's logits proves that the model
+# above is the real thing, and training on from there is fine-tuning.
+
+HF_MODEL_TYPES = ("gpt2",)  # GPT-2 (openai-community/gpt2, -medium, -large, -xl), DistilGPT2
+HF_OPTIONS = {"vocab_size": "vocab_size", "n_positions": "seq_len", "n_layer": "num_layers", "n_head": "num_heads",
+              "n_embd": "model_dim"}
+# keys whose other values would change the function computed above; the rest of config.json (token ids, dtype,
+# versions, init ranges, dropout rates: --dropout stays the user's choice) does not, and is not read
+HF_FIXED = {"activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "scale_attn_weights": True,
+            "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False, "add_cross_attention": False,
+            "tie_word_embeddings": True}
+# the checkpoint's name of each module: blocks.3.attn.qkv.weight <-> h.3.attn.c_attn.weight, or transformer.h.3...
+HF_NAMES = {"token_embedding": "wte", "position_embedding": "wpe", "final_norm": "ln_f"}
+HF_BLOCK_NAMES = {"attn_norm": "ln_1", "attn.qkv": "attn.c_attn", "attn.out_proj": "attn.c_proj", "ffn_norm": "ln_2",
+                  "ffn.up": "mlp.c_fc", "ffn.down": "mlp.c_proj"}
+HF_DERIVED = r"(transformer\.)?h\.\d+\.attn\.(masked_)?bias"  # the causal mask, saved by older exports
+SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}  # BF16 as raw 16-bit words: see to_float32
+
+
+def pretrained_options(folder):
+    """This script's model options from a Hugging Face config.json. Refuses (exit 2) another kind of model, and any
+    key whose value this file does not implement: nothing is silently ignored."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        fail(f"--init_from={folder} has no config.json; pass a Hugging Face model folder (config.json, *.safetensors)")
+    hf = read_file(path, json.load, "a JSON model config")
+    if not isinstance(hf, dict) or hf.get("model_type") not in HF_MODEL_TYPES:
+        kind = hf.get("model_type") if isinstance(hf, dict) else None
+        fail(f"{path} describes a {kind!r} model; {SCRIPT} loads {', '.join(HF_MODEL_TYPES)}; use another script")
+    for key, value in HF_FIXED.items():
+        if hf.get(key) not in (None, value):  # None: absent, Hugging Face's default
+            fail(f"{path}: {key}={hf[key]!r} is not implemented here (only {value!r})")
+    options = {field: hf[key] for key, field in HF_OPTIONS.items() if hf.get(key) is not None}
+    options |= {"position_embedding": "learned"}  # a table of n_positions rows, which sets seq_len
+    kinds = {field.name: field.type for field in fields(Config)}
+    for name, value in options.items():  # JSON has one kind of number: 1e-06 is a float, 16 must be an int
+        if kinds[name] is float and type(value) is int:
+            options[name] = value = float(value)
+        if type(value) is not kinds[name]:
+            fail(f"{path}: the value {value!r} for this script's {name} is not a {kinds[name].__name__}")
+    if hf.get("n_inner") not in (None, 4 * options.get("model_dim", 0)):  # the MLP's width: null is 4 * n_embd
+        fail(f"{path}: n_inner={hf['n_inner']!r} is not implemented here (only null or 4 * n_embd)")
+    return options
+
+
+def read_safetensors(file):
+    """{name: array} of a .safetensors file: 8 bytes of little-endian header length, a JSON header {name: {"dtype",
+    "shape", "data_offsets": [begin, end]}} counted from the end of the header, then the raw little-endian data.
+    The arrays are views of the memory-mapped file: a tensor is read from disk only when it is copied. Raises
+    ValueError for a file that breaks the format (read_file turns it into one line)."""
+    buffer = np.memmap(file, dtype=np.uint8, mode="r")
+    header_len = int(buffer[:8].view("<u8")[0]) if len(buffer) >= 8 else -1
+    if not 2 <= header_len <= len(buffer) - 8:
+        raise ValueError(f"the header length {header_len} runs past the end of the file ({len(buffer)} bytes)")
+    header = json.loads(bytes(buffer[8 : 8 + header_len]))
+    header.pop("__metadata__", None)
+    data, arrays, end_of_last = buffer[8 + header_len :], {}, 0
+    for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"]):  # in file order
+        if entry["dtype"] not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{name} has dtype {entry['dtype']}, not one of {', '.join(SAFETENSORS_DTYPES)}")
+        dtype, (begin, end) = np.dtype(SAFETENSORS_DTYPES[entry["dtype"]]), entry["data_offsets"]
+        if not end_of_last <= begin <= end <= len(data) or end - begin != math.prod(entry["shape"]) * dtype.itemsize:
+            raise ValueError(f"{name}'s bytes [{begin}, {end}) overlap another tensor, run past the end of the file "
+                             f"or do not hold its shape {entry['shape']}")
+        arrays[name], end_of_last = data[begin:end].view(dtype).reshape(entry["shape"]), end
+    return arrays
+
+
+def read_pretrained(folder):
+    """{name: array} of every tensor in a Hugging Face model folder: model.safetensors, or the shards that
+    model.safetensors.index.json lists."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    shards = ["model.safetensors"]
+    if os.path.isfile(index):
+        shards = read_file(index, lambda f: sorted(set(json.load(f)["weight_map"].values())), "a safetensors index")
+    tensors = {}
+    for shard in shards:
+        path = os.path.join(folder, str(shard))
+        if not os.path.isfile(path):
+            fail(f"--init_from={folder} has no {shard}; download the model's safetensors files into it")
+        tensors |= read_file(path, read_safetensors, "a safetensors file")
+    return tensors
+
+
+def to_float32(array):
+    """A float32 copy. BF16 is the upper half of a float32's bits: shifting them back up widens it exactly."""
+    if array.dtype == np.uint16:
+        return (array.astype(np.uint32) << 16).view(np.float32)
+    return array.astype(np.float32)
+
+
+def hf_name(name):
+    """A parameter's name in the Hugging Face checkpoint, without transformer.: blocks.3.attn.qkv.weight ->
+    h.3.attn.c_attn.weight."""
+    module, leaf = name.rsplit(".", 1)
+    block = re.fullmatch(r"blocks\.(\d+)\.(.+)", module)
+    return f"h.{block[1]}.{HF_BLOCK_NAMES[block[2]]}.{leaf}" if block else f"{HF_NAMES[module]}.{leaf}"
+
+
+@torch.no_grad()
+def load_pretrained(model, config):
+    """Copy --init_from's weights into the model, once every parameter has its tensor with the right shape and the
+    checkpoint has no tensor left over (each refusal names the tensor). GPT-2 keeps its projections as Conv1D, whose
+    weight is (in, out), torch's Linear as (out, in): the copy transposes it. c_attn holds query, key and value side
+    by side, as qkv does."""
+    tensors = read_pretrained(config.init_from)
+    # GPT2LMHeadModel saves its tensors under transformer., GPT2Model (the Hub's gpt2, gpt2-medium) without
+    prefix = "transformer." if any(name.startswith("transformer.") for name in tensors) else ""
+    params = {}  # {Hugging Face name: (the parameter, transposed?)}
+    for name, param in model.named_parameters():
+        module = model.get_submodule(name.rsplit(".", 1)[0])
+        params[prefix + hf_name(name)] = param, isinstance(module, nn.Linear) and name.endswith(".weight")
+    if "lm_head.weight" in tensors:  # the tied head saved anyway: the embedding, again
+        tied = np.array_equal(tensors["lm_head.weight"], tensors.get(prefix + "wte.weight"))
+        tensors = {name: array for name, array in tensors.items() if name != "lm_head.weight" or not tied}
+    for name in sorted(params.keys() ^ {name for name in tensors if not re.fullmatch(HF_DERIVED, name)}):
+        fail(f"{config.init_from} {'lacks' if name in params else 'has an unexpected'} tensor {name}; it is not a "
+             f"checkpoint of the model its config.json describes")
+    for name, (param, transposed) in params.items():
+        shape = tuple(param.shape)[::-1] if transposed else tuple(param.shape)  # as the checkpoint holds it
+        if tensors[name].shape != shape:
+            fail(f"{config.init_from}: {name} has shape {tensors[name].shape}, its config.json makes it "
+                 f"{shape}; the checkpoint and its config do not match")
+    for name, (param, transposed) in params.items():
+        param.copy_(torch.from_numpy(to_float32(tensors[name].T if transposed else tensors[name])))
+
+
 # -----------------------------------------------------------------------------
 # Sampling
 
 
-def sample_prompt(val_tokens, token_bytes, length):
-    """length tokens of the val split, from its first non-blank line start: a prompt with no encoder needed."""
+def read_prompt(config, val_tokens, token_bytes):
+    """The tokens sampling starts from: --prompt's file, which must use the data's vocabulary (bpe.py tokenizes a
+    text file with the same tokenizer), or else seq_len / 4 tokens of the val split from its first non-blank line
+    start: a prompt with no encoder needed."""
+    if config.prompt:
+        prompt, prompt_bytes = read_tokens(config.prompt)
+        if prompt_bytes != token_bytes:
+            fail(f"--prompt={config.prompt} is not in the vocabulary of {config.data}; tokenize it with the same "
+                 f"tokenizer (python bpe.py ... --data={config.prompt})")
+        return prompt.tolist()
+    length = max(1, config.seq_len // 4)
     ends_line = np.array([b.endswith(b"\n") for b in token_bytes])[val_tokens[: len(val_tokens) - length]]
     line_starts = np.flatnonzero(ends_line[:-1] & ~ends_line[1:]) + 1  # after a line break, not on a blank line
     start = line_starts[0] if len(line_starts) else 0
     return val_tokens[start : start + length].tolist()
+
+
+def sample(model, prompt, token_bytes, config):
+    """Print the prompt and sample_tokens more, decoded."""
+    print("sample:", flush=True)
+    tokens = generate(model, prompt, config.sample_tokens, config.temperature, config.top_k)
+    print(b"".join(token_bytes[t] for t in tokens).decode("utf-8", errors="replace"))
 
 
 @torch.inference_mode()  # no autograd bookkeeping at all: cheaper per op than no_grad
@@ -402,8 +559,8 @@ MEMORY = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # this machin
 
 
 # the options that must be at least 1 (checked first, so model_checks divides by none of them)
-POSITIVE = ("seq_len", "num_layers", "num_heads", "model_dim", "batch_size", "steps", "eval_interval",
-            "eval_steps", "log_interval")
+POSITIVE = ("seq_len", "num_layers", "num_heads", "model_dim", "batch_size", "eval_interval", "eval_steps",
+            "log_interval")
 
 
 def model_checks(config):
@@ -450,6 +607,13 @@ def parse_config(argv=None):
             parser.add_argument(f"--{field.name}", type=parse_bool if field.type is bool else field.type,
                                 default=field.default, metavar=field.type.__name__, help=comments[field.name])
     config = Config(**vars(parser.parse_args(argv)))
+    given = {arg[2:].split("=")[0] for arg in (sys.argv[1:] if argv is None else argv) if arg.startswith("--")}
+    if config.init_from and not config.resume:  # the published model's options, which the command line may not change
+        for name, value in pretrained_options(config.init_from).items():
+            if name in given and getattr(config, name) != value:
+                fail(f"--{name}={getattr(config, name)} contradicts {config.init_from}'s config.json ({name} "
+                     f"{value}); drop --{name}")
+            setattr(config, name, value)
     for name, value in asdict(config).items():  # first: the checks below then divide by no zero, compare no nan
         if name in POSITIVE and value < 1:
             fail(f"--{name}={value} must be at least 1")
@@ -458,7 +622,9 @@ def parse_config(argv=None):
         if type(value) is float and not abs(value) <= 3.4e38:  # also false for nan
             fail(f"--{name}={value} must be a finite number within float32's range (3.4e38)")
     checks = model_checks(config) + [  # the same in every script
-        (0 <= config.warmup_steps <= config.steps,
+        (config.steps >= 1 or (config.steps == 0 and config.init_from),
+         f"--steps={config.steps} must be at least 1 (--steps=0 only samples, from an --init_from model)"),
+        (0 <= config.warmup_steps <= config.steps or config.steps == 0,
          f"--warmup_steps={config.warmup_steps} must be between 0 and --steps={config.steps}"),
         (0 <= config.min_learning_rate <= config.learning_rate,
          f"--min_learning_rate={config.min_learning_rate} must be in [0, --learning_rate={config.learning_rate}]"),
@@ -468,6 +634,10 @@ def parse_config(argv=None):
          "--temperature must be in [1e-6, 1e6], --top_k and --sample_tokens >= 0"),
         (0 <= config.seed < 2**32, f"--seed={config.seed} must be in [0, 2**32)"),
         (os.path.isfile(config.data), f"data file {config.data} not found; pass --data=PATH (a text file or a .npy)"),
+        (not config.prompt or os.path.isfile(config.prompt), f"prompt file {config.prompt} not found; pass an existing "
+         f"file (a .npy made by bpe.py, or text with byte data)"),
+        (not (config.init_from and config.resume), "--init_from starts a new run from published weights, --resume "
+         "continues a checkpoint: pass one of them"),
         (os.path.isfile(os.path.join(config.out_dir, CHECKPOINT)) or not config.resume,
          f"--resume=true but there is no checkpoint {os.path.join(config.out_dir, CHECKPOINT)}; drop --resume or "
          f"pass the right --out_dir"),
@@ -602,12 +772,24 @@ def main(argv=None):
     quit_on_signal("before training; nothing was written")
     config = parse_config(argv)
     train_tokens, val_tokens, token_bytes, floor = load_data(config)
+    if config.init_from and len(token_bytes) != config.vocab_size:
+        fail(f"{config.data} has a vocabulary of {len(token_bytes)} tokens, {config.init_from} one of "
+             f"{config.vocab_size}; tokenize it with the model's: python bpe.py --tokenizer={config.init_from} "
+             f"--data=FILE")
     config.vocab_size = len(token_bytes)
     check_memory(config)  # now that vocab_size is known
+    prompt = read_prompt(config, val_tokens, token_bytes)
+    torch.manual_seed(config.seed)
+    model = GPT(config)
+    if config.init_from:  # every tensor is checked before any is copied, and before out_dir is touched
+        load_pretrained(model, config)
+        options = pretrained_options(config.init_from).items()  # what --resume=true will need to be told again
+        print(f"loaded {config.init_from}: " + " ".join(f"--{k}={v}" for k, v in options if k != "vocab_size"))
+    if config.steps == 0:  # only sample from the published model: nothing is written
+        quit_on_signal("while sampling")
+        return sample(model, prompt, token_bytes, config)
     with locked_out_dir(config):  # until main ends
         checkpoint = open_checkpoint(config)
-        torch.manual_seed(config.seed)
-        model = GPT(config)
         optimizer = make_optimizer(model, config)
         data_rng = np.random.default_rng(config.seed)
         start_step = 0
@@ -657,10 +839,7 @@ def main(argv=None):
                 sys.exit(128 + stop_requested[0])
 
         quit_on_signal(f"while sampling; {path} holds the trained model")
-        prompt = sample_prompt(val_tokens, token_bytes, max(1, config.seq_len // 4))
-        print("sample:", flush=True)
-        tokens = generate(model, prompt, config.sample_tokens, config.temperature, config.top_k)
-        print(b"".join(token_bytes[t] for t in tokens).decode("utf-8", errors="replace"))
+        sample(model, prompt, token_bytes, config)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ feed-forward network is a sparse mixture of experts:
     Transformer's auxiliary loss (Fedus et al. 2022) with the router z-loss (ST-MoE: Zoph et al. 2022), or
     DeepSeek-V3's auxiliary-loss-free per-expert bias (Wang et al. 2024, "Auxiliary-Loss-Free Load Balancing")
 With the same weights it computes the same logits as Hugging Face's Mixtral (router softmax in float32, then the
-top-k renormalised); its layer with shared experts and normalize_top_k=false is Qwen2-MoE's sparse MoE block.
+top-k renormalised) and, with shared experts, attention biases and normalize_top_k=false, Qwen2-MoE's; --init_from
+loads either's published weights.
 
     python moe_torch.py                                                  # 8 experts, 2 per token: train, sample
     python moe_torch.py --num_shared_experts=1 --normalize_top_k=false   # Qwen2-MoE's layer
@@ -59,6 +60,7 @@ class Config:
     num_heads: int = 4  # query heads per block; head_dim = model_dim // num_heads
     num_kv_heads: int = 2  # key/value heads (grouped-query attention): 1 = multi-query, num_heads = multi-head
     model_dim: int = 128  # width of the residual stream
+    head_dim: int = 0  # width of each attention head; 0 = model_dim // num_heads (Qwen3 sets it apart)
     num_experts: int = 8  # routed experts per block
     experts_per_token: int = 2  # experts the router picks for each token (its top k)
     num_shared_experts: int = 0  # experts every token passes (DeepSeekMoE, Qwen2-MoE); 0 = Mixtral
@@ -68,11 +70,15 @@ class Config:
     aux_loss_weight: float = 0.01  # weight of the load-balancing loss in the objective (only with balance=aux_loss)
     z_loss_weight: float = 1e-3  # weight of the router z-loss (ST-MoE), which keeps the router's logits small
     bias_update_rate: float = 1e-3  # balance=bias: each step moves every expert's bias this much toward even load
+    norm_eps: float = 1e-5  # RMSNorm's epsilon (Mixtral 1e-5, Qwen2-MoE 1e-6)
     rope_theta: float = 10000.0  # RoPE base: dimension pair i turns by rope_theta**(-2i/head_dim) radians per position
-    rope_scaling: float = 1.0  # YaRN factor s: the context may grow to s * seq_len tokens (1 = plain RoPE)
-    yarn_alpha: float = 1.0  # YaRN ramp: pairs turning fewer than alpha times in seq_len are interpolated (divided by s)
-    yarn_beta: float = 32.0  # YaRN ramp: pairs turning more than beta times in seq_len are left unchanged
+    rope_scaling: float = 1.0  # factor s: the context may grow to s * original_len tokens (1 = plain RoPE)
+    rope_type: str = "yarn"  # how rope_scaling stretches RoPE: yarn (YaRN) or llama3 (Llama 3.1's ramp)
+    original_len: int = 0  # the context RoPE was trained at, which rope_scaling stretches; 0 = seq_len
+    yarn_alpha: float = 1.0  # ramp: pairs turning fewer than alpha times in original_len are interpolated (divided by s)
+    yarn_beta: float = 32.0  # ramp: pairs turning more than beta times in original_len are left unchanged
     qk_norm: bool = False  # RMSNorm on each head's queries and keys before RoPE (Qwen3, OLMo 2)
+    attention_bias: bool = False  # biases on the query, key and value projections (Qwen2)
     tie_embeddings: bool = False  # read logits through the token embedding (GPT-2) instead of a separate lm_head
     batch_size: int = 8  # sequences per training step
     steps: int = 1500  # optimizer steps in total
@@ -88,16 +94,19 @@ class Config:
     log_interval: int = 100  # print the training loss every this many steps
     out_dir: str = "out/moe_torch"  # where the checkpoint lives
     resume: bool = False  # continue from the checkpoint in out_dir
+    init_from: str = ""  # a Hugging Face model folder (config.json, *.safetensors) to start from; sets the model options
     sample_tokens: int = 300  # tokens to generate; past rope_scaling * seq_len of context, the oldest half is cropped
     temperature: float = 0.8  # sampling temperature (lower = more conservative)
     top_k: int = 40  # sample only among the top_k most likely tokens (0 = all)
+    prompt: str = ""  # a file to sample from: a .npy of the data's tokens (bpe.py), or text with byte data; "" = val
 
 
 # the options that fix the weights' meaning; rope_scaling and the YaRN ramp may change on --resume, which is
 # YaRN's use, and so may the balancing options (the expert biases are saved either way)
-MODEL_FIELDS = ("vocab_size", "seq_len", "num_layers", "num_heads", "num_kv_heads", "model_dim", "num_experts",
-                "experts_per_token", "num_shared_experts", "expert_ffn_dim", "normalize_top_k", "rope_theta", "qk_norm",
-                "tie_embeddings")
+MODEL_FIELDS = ("vocab_size", "seq_len", "num_layers", "num_heads", "num_kv_heads", "model_dim", "head_dim",
+                "num_experts", "experts_per_token", "num_shared_experts", "expert_ffn_dim", "normalize_top_k", "norm_eps",
+                "rope_theta", "qk_norm", "attention_bias", "tie_embeddings")
+ROPE_TYPES = ("yarn", "llama3")
 CHECKPOINT = "ckpt.pt"  # the file in out_dir
 
 
@@ -129,19 +138,34 @@ class RMSNorm(nn.Module):
 
 def rope_frequencies(config):
     """RoPE's angular frequencies, one per dimension pair: theta_i = rope_theta**(-2i/head_dim) radians per position,
-    and YaRN's attention factor. With rope_scaling s > 1, YaRN (Peng et al. 2023, section 3.2, "NTK-by-parts")
-    looks at r_i = seq_len / wavelength_i, the turns pair i makes over the trained context: pairs with r > beta
-    turned many times during training and already saw every angle, so they stay; pairs with r < alpha never
-    completed a turn, so they are interpolated (theta / s keeps every angle inside the trained range); a linear
-    ramp gamma blends in between. Section 3.4: softmax temperature sqrt(1/t) = 0.1 ln(s) + 1 on queries and keys."""
-    head_dim = config.model_dim // config.num_heads
+    and the attention factor. With rope_scaling s > 1 the context stretches from original_len L to s * L positions.
+    Pair i turns r_i = L / wavelength_i times over the trained context: pairs that turned many times (r > beta) saw
+    every angle and stay; pairs that never completed a turn (r < alpha) are interpolated (theta / s keeps every angle
+    inside the trained range); a ramp gamma blends in between (YaRN: Peng et al. 2023, section 3.2, "NTK-by-parts").
+    rope_type picks the ramp:
+      - llama3 (Llama 3.1): gamma linear in r, (r - alpha) / (beta - alpha) clipped to [0, 1], as YaRN's eq. 18
+        writes it; Meta calls alpha and beta low_freq_factor and high_freq_factor. No attention factor.
+      - yarn: as the YaRN authors' released code, which Hugging Face follows and published YaRN checkpoints were
+        trained with: the fractional indices where r = beta and r = alpha are rounded outward (floor, ceil) and
+        gamma is linear in the index i between them, not in r (r falls geometrically with i). Softmax temperature
+        sqrt(1/t) = 0.1 ln(s) + 1 on queries and keys (section 3.4)."""
+    head_dim = config.head_dim or config.model_dim // config.num_heads
     theta = config.rope_theta ** (-np.arange(0, head_dim, 2) / head_dim)  # (head_dim // 2,) radians per position
     if config.rope_scaling == 1:
         return theta, 1.0  # plain RoPE, bit for bit: the ramp below would round
-    turns = config.seq_len / (2 * math.pi / theta)  # (head_dim // 2,) r_i = seq_len / wavelength_i
-    gamma = np.clip((turns - config.yarn_alpha) / (config.yarn_beta - config.yarn_alpha), 0, 1)
+    original_len = config.original_len or config.seq_len
+    if config.rope_type == "llama3":
+        turns = original_len / (2 * math.pi / theta)  # (head_dim // 2,) r_i = L / wavelength_i
+        gamma = np.clip((turns - config.yarn_alpha) / (config.yarn_beta - config.yarn_alpha), 0, 1)
+        attention_factor = 1.0
+    else:  # solve r_i = L theta_i / (2 pi) for i
+        index = lambda r: head_dim * math.log(original_len / (2 * math.pi * r)) / (2 * math.log(config.rope_theta))
+        low, high = max(math.floor(index(config.yarn_beta)), 0), min(math.ceil(index(config.yarn_alpha)), head_dim - 1)
+        ramp = (np.arange(head_dim // 2) - low) / (high - low if high != low else 1e-3)  # (head_dim // 2,) 0 at low
+        gamma = 1 - np.clip(ramp, 0, 1)
+        attention_factor = 0.1 * math.log(config.rope_scaling) + 1
     theta = (1 - gamma) * theta / config.rope_scaling + gamma * theta  # (head_dim // 2,) h(theta_i), eq. 20
-    return theta, 0.1 * math.log(config.rope_scaling) + 1
+    return theta, attention_factor
 
 
 def rope_tables(config, max_len):
@@ -174,17 +198,17 @@ class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
-        self.head_dim = config.model_dim // config.num_heads
-        self.query = nn.Linear(config.model_dim, config.num_heads * self.head_dim, bias=False)
-        self.key = nn.Linear(config.model_dim, config.num_kv_heads * self.head_dim, bias=False)
-        self.value = nn.Linear(config.model_dim, config.num_kv_heads * self.head_dim, bias=False)
+        self.head_dim = config.head_dim or config.model_dim // config.num_heads
+        self.query = nn.Linear(config.model_dim, config.num_heads * self.head_dim, bias=config.attention_bias)
+        self.key = nn.Linear(config.model_dim, config.num_kv_heads * self.head_dim, bias=config.attention_bias)
+        self.value = nn.Linear(config.model_dim, config.num_kv_heads * self.head_dim, bias=config.attention_bias)
         self.out_proj = nn.Linear(config.num_heads * self.head_dim, config.model_dim, bias=False)
         # QK-norm: bounds the attention logits, which otherwise can grow until training diverges
-        self.query_norm = RMSNorm(self.head_dim) if config.qk_norm else None
-        self.key_norm = RMSNorm(self.head_dim) if config.qk_norm else None
+        self.query_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
+        self.key_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
 
     def forward(self, x, cos, sin, mask, cache, position):
-        batch_size, seq_len, model_dim = x.shape
+        batch_size, seq_len, _ = x.shape
         query = self.query(x).view(batch_size, seq_len, self.num_heads, self.head_dim)
         key = self.key(x).view(batch_size, seq_len, self.num_kv_heads, self.head_dim)
         value = self.value(x).view(batch_size, seq_len, self.num_kv_heads, self.head_dim)
@@ -201,7 +225,7 @@ class Attention(nn.Module):
         # several queries, none for a single new query, which sees every key
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=mask is None and seq_len > 1,
                                              enable_gqa=True)  # (batch_size, num_heads, seq_len, head_dim)
-        out = out.transpose(1, 2).reshape(batch_size, seq_len, model_dim)  # (batch_size, seq_len, model_dim)
+        out = out.transpose(1, 2).flatten(2)  # (batch_size, seq_len, num_heads * head_dim)
         return self.out_proj(out)
 
 
@@ -319,9 +343,9 @@ class Block(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.attn_norm = RMSNorm(config.model_dim)
+        self.attn_norm = RMSNorm(config.model_dim, config.norm_eps)
         self.attn = Attention(config)
-        self.ffn_norm = RMSNorm(config.model_dim)
+        self.ffn_norm = RMSNorm(config.model_dim, config.norm_eps)
         self.moe = SparseMoE(config)
 
     def forward(self, x, cos, sin, mask, cache, position, expert_bias):
@@ -336,22 +360,26 @@ class MoE(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.num_kv_heads, self.head_dim = config.num_kv_heads, config.model_dim // config.num_heads
-        self.max_len = int(config.rope_scaling * config.seq_len)  # the longest context RoPE (+ YaRN) serves
+        self.num_kv_heads, self.head_dim = config.num_kv_heads, config.head_dim or config.model_dim // config.num_heads
+        self.max_len = int(config.rope_scaling * (config.original_len or config.seq_len))  # the longest context RoPE serves
         self.token_embedding = nn.Embedding(config.vocab_size, config.model_dim)
-        cos, sin = rope_tables(config, self.max_len)  # 2 x (max_len, head_dim)
+        # training windows may run past max_len (a published model's original_len below --seq_len): RoPE extrapolates
+        cos, sin = rope_tables(config, max(self.max_len, config.seq_len))  # 2 x (positions, head_dim)
         self.register_buffer("cos", torch.from_numpy(cos), persistent=False)  # fixed: no gradient, not saved
         self.register_buffer("sin", torch.from_numpy(sin), persistent=False)
         self.register_buffer("expert_bias", torch.zeros(config.num_layers, config.num_experts))  # saved
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.num_layers)])
-        self.final_norm = RMSNorm(config.model_dim)
+        self.final_norm = RMSNorm(config.model_dim, config.norm_eps)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.model_dim, config.vocab_size, bias=False)
         # N(0, 0.02) weights; the projections that write into the residual stream get std / sqrt(2 * num_layers),
-        # so the stream's variance does not grow with depth (GPT-2); RMSNorm weights start at 1; Experts: the same
+        # so the stream's variance does not grow with depth (GPT-2); RMSNorm weights start at 1, biases at 0;
+        # Experts: the same
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 std = residual_std(config) if name.endswith(("out_proj", "down")) else 0.02
                 nn.init.normal_(module.weight, 0.0, std)
+            if isinstance(module, nn.Linear) and module.bias is not None:  # attention_bias
+                nn.init.zeros_(module.bias)
 
     def forward(self, tokens, targets=None, cache=None, position=0):
         """Logits for tokens at positions position, position + 1, ...; the loss if targets are given; and the
@@ -380,9 +408,10 @@ class MoE(nn.Module):
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())  # mean over batch_size * seq_len tokens
         return logits, loss, router_stats
 
-    def new_cache(self, batch_size):
-        """One [key, value] pair per layer, preallocated for max_len positions: appending never reallocates."""
-        shape = (batch_size, self.num_kv_heads, self.max_len, self.head_dim)
+    def new_cache(self, batch_size, length):
+        """One [key, value] pair per layer, preallocated for length (at most max_len) positions: appending never
+        reallocates."""
+        shape = (batch_size, self.num_kv_heads, length, self.head_dim)
         return [[torch.zeros(shape), torch.zeros(shape)] for _ in self.blocks]
 
 
@@ -394,31 +423,42 @@ def load_data(config):
     """The corpus as token ids split 90/10, each token's bytes (to decode samples and count bytes for bits per
     byte), and the corpus's entropy floor in val bits per byte if a <corpus>.floor.json sits beside it. Every
     file is checked before any work: a malformed one stops the script with one line naming it."""
-    corpus = re.sub(r"\.bpe\d+\.npy$", "", config.data)  # data/stories.txt.bpe1024.npy was made from data/stories.txt
-    if config.data.endswith(".npy"):  # tokenized by bpe.py; its vocabulary is in the .json of the same name
-        vocab_path = config.data[: -len(".npy")] + ".json"
-        tokens = read_file(config.data, lambda f: np.load(f, allow_pickle=False), "a .npy array")  # no pickles
-        token_bytes = read_file(vocab_path, lambda f: [bytes.fromhex(t) for t in json.load(f)["token_bytes"]],
-                                f"the vocabulary of {config.data} (bpe.py's JSON with a token_bytes list)")
-        if not (tokens.ndim == 1 and tokens.dtype.kind in "iu" and 0 < len(token_bytes) <= 2**20 and all(token_bytes)):
-            fail(f"{config.data} and {vocab_path} are not a token file and its vocabulary (a 1-D integer array, up "
-                 f"to 2**20 non-empty tokens); tokenize again with bpe.py")
-    else:
-        tokens = read_file(config.data, lambda f: np.frombuffer(f.read(), dtype=np.uint8), "a readable file")
-        token_bytes = [bytes([i]) for i in range(256)]
+    tokens, token_bytes = read_tokens(config.data)
     split = int(0.9 * len(tokens))
     train_tokens, val_tokens = tokens[:split], tokens[split:]  # the last 10% is validation
     if min(len(train_tokens), len(val_tokens)) < config.seq_len + 1:
         fail(f"{config.data} has {len(tokens)} tokens, too few for {config.seq_len + 1} in each of the train and "
              f"val splits; use a longer corpus or a smaller --seq_len")
-    if not 0 <= tokens.min() <= tokens.max() < len(token_bytes):  # embedding lookups would fail or read garbage
-        fail(f"{config.data} holds token ids outside its vocabulary of {len(token_bytes)}; tokenize again with bpe.py")
+    corpus = re.sub(r"\.[^./]+\.npy$", "", config.data)  # data/stories.txt.gpt2.npy was made from data/stories.txt
     floor = None
     if os.path.isfile(corpus + ".floor.json"):
         floor = read_file(corpus + ".floor.json", lambda f: json.load(f)["val_bpb"], "a floor file")
         if type(floor) not in (int, float) or not 0 <= floor <= 8:  # a byte holds at most 8 bits
             fail(f"{corpus}.floor.json: val_bpb is {floor!r}, not a number of bits per byte; remove or regenerate it")
     return train_tokens, val_tokens, token_bytes, floor
+
+
+def read_tokens(path):
+    """A file's token ids and each token's bytes: a .npy written by bpe.py, whose vocabulary is in the .json of the
+    same name (an id no token file uses may have no bytes: padding up to a published model's vocab_size), or any
+    other file as UTF-8 bytes (vocabulary: the 256 byte values)."""
+    if path.endswith(".npy"):
+        vocab_path = path[: -len(".npy")] + ".json"
+        tokens = read_file(path, lambda f: np.load(f, allow_pickle=False), "a .npy array")  # no pickles
+        token_bytes = read_file(vocab_path, lambda f: [bytes.fromhex(t) for t in json.load(f)["token_bytes"]],
+                                f"the vocabulary of {path} (bpe.py's JSON with a token_bytes list)")
+        if not (tokens.ndim == 1 and tokens.dtype.kind in "iu" and len(tokens) and 0 < len(token_bytes) <= 2**20):
+            fail(f"{path} and {vocab_path} are not a token file and its vocabulary (a 1-D integer array, up to 2**20 "
+                 f"tokens); tokenize again with bpe.py")
+    else:
+        tokens = read_file(path, lambda f: np.frombuffer(f.read(), dtype=np.uint8), "a readable file")
+        token_bytes = [bytes([i]) for i in range(256)]
+    # embedding lookups would fail or read garbage; a token without bytes would decode to nothing
+    if not (len(tokens) and 0 <= tokens.min() <= tokens.max() < len(token_bytes)
+            and all(token_bytes[t] for t in np.unique(tokens))):
+        fail(f"{path} is empty or holds token ids outside its vocabulary of {len(token_bytes)}; tokenize again with "
+             f"bpe.py")
+    return tokens, token_bytes
 
 
 def get_batch(tokens, rng, config):
@@ -552,16 +592,228 @@ def restore_checkpoint(checkpoint, model, optimizer, data_rng, config):
     return checkpoint["meta"]["step"]
 
 
+# Published weights: a Hugging Face model folder, read with numpy alone. config.json sets the options above and
+# each tensor of the checkpoint has one parameter here (each expert's matrices have one slice of Experts' stacked
+# ones): getting a published model's logits proves that the model above is the real thing, and training on from
+# there is fine-tuning.
+
+HF_MODEL_TYPES = ("mixtral", "qwen2_moe")  # Mixtral 8x7B and 8x22B; Qwen1.5-MoE-A2.7B and Qwen2-57B-A14B
+HF_OPTIONS = {"vocab_size": "vocab_size", "num_hidden_layers": "num_layers", "num_attention_heads": "num_heads",
+              "num_key_value_heads": "num_kv_heads", "hidden_size": "model_dim", "head_dim": "head_dim",
+              "num_experts_per_tok": "experts_per_token", "rms_norm_eps": "norm_eps",
+              "tie_word_embeddings": "tie_embeddings"}
+# the keys that differ: the number and width of the routed experts; Qwen2-MoE's scaling of the chosen experts'
+# weights and its biases on q, k, v (qkv_bias in transformers 5; always there before)
+HF_EXPERT_OPTIONS = {"mixtral": {"num_local_experts": "num_experts", "intermediate_size": "expert_ffn_dim"},
+                     "qwen2_moe": {"num_experts": "num_experts", "moe_intermediate_size": "expert_ffn_dim",
+                                   "norm_topk_prob": "normalize_top_k", "qkv_bias": "attention_bias"}}
+# keys whose other values would change the function computed above (Qwen2-MoE's: every layer sparse, no sliding
+# window); the rest of config.json (token ids, dtype, versions, init ranges, router_aux_loss_coef: a training
+# option, see --aux_loss_weight) does not, and is not read
+HF_FIXED = {"hidden_act": "silu", "router_jitter_noise": 0.0, "decoder_sparse_step": 1, "mlp_only_layers": [],
+            "use_sliding_window": False, "partial_rotary_factor": 1.0}
+# the checkpoint's name of each module: blocks.3.attn.query.weight <-> model.layers.3.self_attn.q_proj.weight
+HF_NAMES = {"token_embedding": "model.embed_tokens", "final_norm": "model.norm", "lm_head": "lm_head"}
+HF_BLOCK_NAMES = {"attn_norm": "input_layernorm", "attn.query": "self_attn.q_proj", "attn.key": "self_attn.k_proj",
+                  "attn.value": "self_attn.v_proj", "attn.out_proj": "self_attn.o_proj",
+                  "ffn_norm": "post_attention_layernorm"}
+# and of the mixture of experts, which differ: one row per kind of expert matrix, which names every expert's (see
+# stack_experts); Qwen2-MoE's shared expert is one SwiGLU, as here
+HF_MOE_NAMES = {
+    "mixtral": {"moe.router": "block_sparse_moe.gate", "moe.experts.gate": "block_sparse_moe.experts.w1",
+                "moe.experts.up": "block_sparse_moe.experts.w3", "moe.experts.down": "block_sparse_moe.experts.w2"},
+    "qwen2_moe": {"moe.router": "mlp.gate", "moe.experts.gate": "mlp.experts.gate_proj",
+                  "moe.experts.up": "mlp.experts.up_proj", "moe.experts.down": "mlp.experts.down_proj",
+                  "moe.shared.gate": "mlp.shared_expert.gate_proj", "moe.shared.up": "mlp.shared_expert.up_proj",
+                  "moe.shared.down": "mlp.shared_expert.down_proj", "moe.shared_gate": "mlp.shared_expert_gate"}}
+HF_DERIVED = r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"  # RoPE's frequencies, saved by older exports
+SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}  # BF16 as raw 16-bit words: see to_float32
+
+
+def rope_options(hf, path):
+    """The RoPE options from config.json: rope_theta and rope_scaling (transformers 4), or rope_parameters (5)."""
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    original_len = rope.pop("original_max_position_embeddings", hf.get("max_position_embeddings", 0))
+    ramp = {"yarn": ("beta_slow", "beta_fast", 1.0, 32.0), "llama3": ("low_freq_factor", "high_freq_factor", 1.0, 4.0)}
+    if rope_type not in ("default", *ramp):
+        fail(f"{path}: rope type {rope_type!r} is not implemented here (default, yarn, llama3 are)")
+    options = {"rope_theta": theta, "original_len": original_len, "rope_type": "yarn", "rope_scaling": 1.0}
+    if rope_type != "default":
+        alpha, beta, alpha_default, beta_default = ramp[rope_type]
+        options |= {"rope_type": rope_type, "rope_scaling": rope.pop("factor", None),
+                    "yarn_alpha": rope.pop(alpha, None) or alpha_default, "yarn_beta": rope.pop(beta, None) or beta_default}
+        for key, value in (("truncate", True), ("attention_factor", None)):  # the defaults: rope_frequencies
+            if key in rope and rope[key] is value:
+                del rope[key]
+    if rope:  # mscale, attention_factor, truncate=false, ...: another stretch than the one written above
+        fail(f"{path}: rope option {next(iter(rope))}={rope[next(iter(rope))]!r} is not implemented here")
+    return options
+
+
+def pretrained_options(folder):
+    """This script's model options from a Hugging Face config.json. Refuses (exit 2) another kind of model, and any
+    key whose value this file does not implement: nothing is silently ignored."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        fail(f"--init_from={folder} has no config.json; pass a Hugging Face model folder (config.json, *.safetensors)")
+    hf = read_file(path, json.load, "a JSON model config")
+    if not isinstance(hf, dict) or hf.get("model_type") not in HF_MODEL_TYPES:
+        kind = hf.get("model_type") if isinstance(hf, dict) else None
+        fail(f"{path} describes a {kind!r} model; {SCRIPT} loads {', '.join(HF_MODEL_TYPES)}; use another script")
+    for key, value in HF_FIXED.items():
+        if hf.get(key) not in (None, value):  # None: absent, Hugging Face's default
+            fail(f"{path}: {key}={hf[key]!r} is not implemented here (only {value!r})")
+    if any(kind != "full_attention" for kind in hf.get("layer_types") or []):  # sliding-window layers
+        fail(f"{path}: layer_types {hf['layer_types']} is not implemented here (only full_attention)")
+    qwen = hf["model_type"] == "qwen2_moe"
+    if not qwen and hf.get("sliding_window") is not None:  # Mixtral's; Qwen2-MoE's needs use_sliding_window
+        fail(f"{path}: sliding_window={hf['sliding_window']!r} is not implemented here (only null)")
+    names = HF_OPTIONS | HF_EXPERT_OPTIONS[hf["model_type"]]
+    options = {field: hf[key] for key, field in names.items() if hf.get(key) is not None}
+    options |= {"qk_norm": False, "num_shared_experts": 0, **rope_options(hf, path)}
+    options.setdefault("num_kv_heads", options.get("num_heads"))  # absent before grouped-query attention
+    options.setdefault("normalize_top_k", not qwen)  # Hugging Face's defaults: Mixtral renormalises, Qwen2-MoE not
+    options.setdefault("attention_bias", qwen)
+    if qwen:  # its shared expert, a SwiGLU of shared_expert_intermediate_size: so many experts' widths side by side
+        width, shared = hf.get("moe_intermediate_size"), hf.get("shared_expert_intermediate_size")
+        if not (type(width) is int and type(shared) is int and width > 0 and shared % width == 0):
+            fail(f"{path}: shared_expert_intermediate_size={shared!r} is not a multiple of moe_intermediate_size="
+                 f"{width!r}; this script's shared experts are expert_ffn_dim wide each")
+        options["num_shared_experts"] = shared // width
+    kinds = {field.name: field.type for field in fields(Config)}
+    for name, value in options.items():  # JSON has one kind of number: 1e-06 is a float, 16 must be an int
+        if kinds[name] is float and type(value) is int:
+            options[name] = value = float(value)
+        if type(value) is not kinds[name]:
+            fail(f"{path}: the value {value!r} for this script's {name} is not a {kinds[name].__name__}")
+    return options
+
+
+def read_safetensors(file):
+    """{name: array} of a .safetensors file: 8 bytes of little-endian header length, a JSON header {name: {"dtype",
+    "shape", "data_offsets": [begin, end]}} counted from the end of the header, then the raw little-endian data.
+    The arrays are views of the memory-mapped file: a tensor is read from disk only when it is copied. Raises
+    ValueError for a file that breaks the format (read_file turns it into one line)."""
+    buffer = np.memmap(file, dtype=np.uint8, mode="r")
+    header_len = int(buffer[:8].view("<u8")[0]) if len(buffer) >= 8 else -1
+    if not 2 <= header_len <= len(buffer) - 8:
+        raise ValueError(f"the header length {header_len} runs past the end of the file ({len(buffer)} bytes)")
+    header = json.loads(bytes(buffer[8 : 8 + header_len]))
+    header.pop("__metadata__", None)
+    data, arrays, end_of_last = buffer[8 + header_len :], {}, 0
+    for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"]):  # in file order
+        if entry["dtype"] not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{name} has dtype {entry['dtype']}, not one of {', '.join(SAFETENSORS_DTYPES)}")
+        dtype, (begin, end) = np.dtype(SAFETENSORS_DTYPES[entry["dtype"]]), entry["data_offsets"]
+        if not end_of_last <= begin <= end <= len(data) or end - begin != math.prod(entry["shape"]) * dtype.itemsize:
+            raise ValueError(f"{name}'s bytes [{begin}, {end}) overlap another tensor, run past the end of the file "
+                             f"or do not hold its shape {entry['shape']}")
+        arrays[name], end_of_last = data[begin:end].view(dtype).reshape(entry["shape"]), end
+    return arrays
+
+
+def read_pretrained(folder):
+    """{name: array} of every tensor in a Hugging Face model folder: model.safetensors, or the shards that
+    model.safetensors.index.json lists."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    shards = ["model.safetensors"]
+    if os.path.isfile(index):
+        shards = read_file(index, lambda f: sorted(set(json.load(f)["weight_map"].values())), "a safetensors index")
+    tensors = {}
+    for shard in shards:
+        path = os.path.join(folder, str(shard))
+        if not os.path.isfile(path):
+            fail(f"--init_from={folder} has no {shard}; download the model's safetensors files into it")
+        tensors |= read_file(path, read_safetensors, "a safetensors file")
+    return tensors
+
+
+def to_float32(array):
+    """A float32 copy. BF16 is the upper half of a float32's bits: shifting them back up widens it exactly."""
+    if array.dtype == np.uint16:
+        return (array.astype(np.uint32) << 16).view(np.float32)
+    return array.astype(np.float32)
+
+
+def stack_experts(tensors, folder):
+    """Hugging Face saves each expert's matrices apart, (out, in) as its Linear layers hold them:
+    mlp.experts.0.up_proj.weight, mlp.experts.1.up_proj.weight, ...; Experts holds each kind as one (num_experts, in,
+    out) array. Returns tensors with every layer's experts of each kind stacked so, transposed, under their name
+    without the expert's number: mlp.experts.up_proj.weight."""
+    experts = {}  # {name without the expert's number: {expert: (out, in) array}}
+    for name in list(tensors):
+        if match := re.fullmatch(r"(.+\.experts)\.(\d+)\.(.+)", name):  # prefix, expert, kind
+            experts.setdefault(f"{match[1]}.{match[3]}", {})[int(match[2])] = tensors.pop(name)
+    for name, arrays in experts.items():
+        for expert in range(len(arrays)):  # experts 0, 1, ..., all of one shape
+            if expert not in arrays or arrays[expert].shape != arrays[min(arrays)].shape:
+                fail(f"{folder} lacks tensor {name.replace('.experts.', f'.experts.{expert}.')} or has it in "
+                     f"another shape than the other experts'; it is not a checkpoint of the model its config.json "
+                     f"describes")
+        tensors[name] = np.stack([arrays[expert].T for expert in range(len(arrays))])  # (num_experts, in, out)
+    return tensors
+
+
+def hf_name(name, model_type):
+    """A parameter's name in the Hugging Face checkpoint: blocks.3.attn.query.weight ->
+    model.layers.3.self_attn.q_proj.weight; blocks.3.moe.experts.up, every expert's -> model.layers.3.mlp.experts.up_proj.weight,
+    the name stack_experts gives them."""
+    module, leaf = (name, "weight") if ".experts." in name else name.rsplit(".", 1)  # Experts: no Linear layers
+    block = re.fullmatch(r"blocks\.(\d+)\.(.+)", module)
+    names = HF_BLOCK_NAMES | HF_MOE_NAMES[model_type]
+    return f"model.layers.{block[1]}.{names[block[2]]}.{leaf}" if block else f"{HF_NAMES[module]}.{leaf}"
+
+
+@torch.no_grad()
+def load_pretrained(model, config):
+    """Copy --init_from's weights into the model, once every parameter has its tensor with the right shape and the
+    checkpoint has no tensor left over (each refusal names the tensor). The layouts are the same: torch's and Hugging
+    Face's Linear are both (out, in); Experts' (in, out) matrices get each expert's, stacked and transposed."""
+    tensors = stack_experts(read_pretrained(config.init_from), config.init_from)
+    model_type = read_file(os.path.join(config.init_from, "config.json"), json.load, "a JSON model config")["model_type"]
+    params = {hf_name(name, model_type): param for name, param in model.named_parameters()}
+    if config.tie_embeddings and "lm_head.weight" in tensors:  # a tied head saved anyway: the embedding, again
+        tied = np.array_equal(tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight"))
+        tensors = {name: array for name, array in tensors.items() if name != "lm_head.weight" or not tied}
+    for name in sorted(params.keys() ^ {name for name in tensors if not re.fullmatch(HF_DERIVED, name)}):
+        fail(f"{config.init_from} {'lacks' if name in params else 'has an unexpected'} tensor {name}; it is not a "
+             f"checkpoint of the model its config.json describes")
+    for name, param in params.items():
+        if tensors[name].shape != param.shape:
+            fail(f"{config.init_from}: {name} has shape {tensors[name].shape}, its config.json makes it "
+                 f"{tuple(param.shape)}; the checkpoint and its config do not match")
+    for name, param in params.items():
+        param.copy_(torch.from_numpy(to_float32(tensors[name])))
+
+
 # -----------------------------------------------------------------------------
 # Sampling
 
 
-def sample_prompt(val_tokens, token_bytes, length):
-    """length tokens of the val split, from its first non-blank line start: a prompt with no encoder needed."""
+def read_prompt(config, val_tokens, token_bytes):
+    """The tokens sampling starts from: --prompt's file, which must use the data's vocabulary (bpe.py tokenizes a
+    text file with the same tokenizer), or else seq_len / 4 tokens of the val split from its first non-blank line
+    start: a prompt with no encoder needed."""
+    if config.prompt:
+        prompt, prompt_bytes = read_tokens(config.prompt)
+        if prompt_bytes != token_bytes:
+            fail(f"--prompt={config.prompt} is not in the vocabulary of {config.data}; tokenize it with the same "
+                 f"tokenizer (python bpe.py ... --data={config.prompt})")
+        return prompt.tolist()
+    length = max(1, config.seq_len // 4)
     ends_line = np.array([b.endswith(b"\n") for b in token_bytes])[val_tokens[: len(val_tokens) - length]]
     line_starts = np.flatnonzero(ends_line[:-1] & ~ends_line[1:]) + 1  # after a line break, not on a blank line
     start = line_starts[0] if len(line_starts) else 0
     return val_tokens[start : start + length].tolist()
+
+
+def sample(model, prompt, token_bytes, config):
+    """Print the prompt and sample_tokens more, decoded."""
+    print("sample:", flush=True)
+    tokens = generate(model, prompt, config.sample_tokens, config.temperature, config.top_k)
+    print(b"".join(token_bytes[t] for t in tokens).decode("utf-8", errors="replace"))
 
 
 @torch.inference_mode()  # no autograd bookkeeping at all: a token costs ~200 small ops, each gets cheaper
@@ -578,19 +830,21 @@ def next_token(model, tokens, cache, position, last, temperature, top_k):
 
 def generate(model, prompt, max_new_tokens, temperature, top_k, use_cache=True):
     """Sample max_new_tokens tokens one at a time. With the key/value cache the prompt runs through the model once
-    (prefill) and each new token costs one position; when the context fills max_len = rope_scaling * seq_len
-    positions, its last half is kept and prefilled again. use_cache=False reruns the model over the last max_len
-    tokens at every step: the slow path, kept for the tests and the benchmark."""
+    (prefill) and each new token costs one position; the cache holds the positions this call needs, at most the
+    model's max_len, and when the context fills it, its last half is kept and prefilled again. use_cache=False
+    reruns the model over the last max_len tokens at every step: the slow path, kept for the tests and the
+    benchmark."""
     model.eval()
+    max_len = min(model.max_len, len(prompt) + max_new_tokens)  # the cache holds no more positions
     tokens = list(prompt)
     cache, position = None, 0  # position: how many tokens the cache holds
     for _ in range(max_new_tokens):
         if not use_cache:  # eager torch takes any length: no padding needed
-            context = tokens[-model.max_len :]
+            context = tokens[-max_len :]
             token, _ = next_token(model, np.array([context]), None, 0, -1, temperature, top_k)
-        elif cache is None or position == model.max_len:  # first step, or the cache is full: prefill
-            context = tokens[-model.max_len :] if cache is None else tokens[-max(1, model.max_len // 2) :]
-            cache = model.new_cache(1)
+        elif cache is None or position == max_len:  # first step, or the cache is full: prefill
+            context = tokens[-max_len :] if cache is None else tokens[-max(1, max_len // 2) :]
+            cache = model.new_cache(1, max_len)
             token, cache = next_token(model, np.array([context]), cache, 0, -1, temperature, top_k)
             position = len(context)
         else:  # one new position: the last token sampled
@@ -610,19 +864,21 @@ MEMORY = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # this machin
 
 # the options that must be at least 1 (checked first, so model_checks divides by none of them)
 POSITIVE = ("seq_len", "num_layers", "num_heads", "num_kv_heads", "model_dim", "num_experts", "experts_per_token",
-            "expert_ffn_dim", "batch_size", "steps", "eval_interval", "eval_steps", "log_interval")
+            "expert_ffn_dim", "batch_size", "eval_interval", "eval_steps", "log_interval")
 
 
 def model_checks(config):
     """(ok, message) for each rule on this model's own options. The rest of this section is the same in every
     model script."""
-    head_dim = config.model_dim // config.num_heads
+    head_dim = config.head_dim or config.model_dim // config.num_heads
+    max_len = config.rope_scaling * (config.original_len or config.seq_len)  # positions RoPE serves
+    cache_len = min(max_len, config.seq_len + config.sample_tokens)  # positions sampling caches (the prompt is short)
     return [
-        (config.model_dim % config.num_heads == 0,
+        (config.model_dim % config.num_heads == 0 or config.head_dim,
          f"--model_dim={config.model_dim} is not divisible by --num_heads={config.num_heads}; pick a multiple"),
         (config.num_heads % config.num_kv_heads == 0,
          f"--num_heads={config.num_heads} is not divisible by --num_kv_heads={config.num_kv_heads}; pick a divisor"),
-        (head_dim % 2 == 0, f"head_dim = --model_dim / --num_heads = {head_dim} must be even for RoPE's pairs"),
+        (head_dim % 2 == 0 and config.head_dim >= 0, f"head_dim {head_dim} must be even for RoPE's pairs"),
         (config.experts_per_token <= config.num_experts,
          f"--experts_per_token={config.experts_per_token} must be at most --num_experts={config.num_experts}"),
         (config.num_shared_experts >= 0, f"--num_shared_experts={config.num_shared_experts} must be >= 0"),
@@ -634,13 +890,16 @@ def model_checks(config):
         (config.balance in ("aux_loss", "bias"), f"--balance={config.balance} is not one of aux_loss, bias"),
         (min(config.aux_loss_weight, config.z_loss_weight, config.bias_update_rate) >= 0,
          "--aux_loss_weight, --z_loss_weight and --bias_update_rate must be >= 0"),
+        (0 < config.norm_eps < 1, f"--norm_eps={config.norm_eps} must be in (0, 1)"),
         (config.rope_theta > 1, f"--rope_theta={config.rope_theta} must be > 1"),
         (config.rope_scaling >= 1, f"--rope_scaling={config.rope_scaling} must be >= 1 (1 = plain RoPE)"),
+        (config.rope_type in ROPE_TYPES and config.original_len >= 0,
+         f"--rope_type must be one of {', '.join(ROPE_TYPES)} and --original_len >= 0 (0 = seq_len)"),
         (0 <= config.yarn_alpha < config.yarn_beta,
          f"--yarn_alpha={config.yarn_alpha} and --yarn_beta={config.yarn_beta} need 0 <= alpha < beta"),
-        (8 * config.rope_scaling * config.seq_len * (config.num_layers * config.num_kv_heads + 1) * head_dim < MEMORY,
-         f"the RoPE tables and KV cache for rope_scaling * seq_len positions need more than this machine's memory; "
-         f"use a smaller --rope_scaling or --seq_len"),
+        (8 * head_dim * (max_len + cache_len * config.num_layers * config.num_kv_heads) < MEMORY,
+         f"the RoPE tables for rope_scaling * original_len positions and the KV cache need more than this machine's "
+         f"memory; use a smaller --rope_scaling, --original_len, --seq_len or --sample_tokens"),
     ]
 
 
@@ -676,6 +935,13 @@ def parse_config(argv=None):
             parser.add_argument(f"--{field.name}", type=parse_bool if field.type is bool else field.type,
                                 default=field.default, metavar=field.type.__name__, help=comments[field.name])
     config = Config(**vars(parser.parse_args(argv)))
+    given = {arg[2:].split("=")[0] for arg in (sys.argv[1:] if argv is None else argv) if arg.startswith("--")}
+    if config.init_from and not config.resume:  # the published model's options, which the command line may not change
+        for name, value in pretrained_options(config.init_from).items():
+            if name in given and getattr(config, name) != value:
+                fail(f"--{name}={getattr(config, name)} contradicts {config.init_from}'s config.json ({name} "
+                     f"{value}); drop --{name}")
+            setattr(config, name, value)
     for name, value in asdict(config).items():  # first: the checks below then divide by no zero, compare no nan
         if name in POSITIVE and value < 1:
             fail(f"--{name}={value} must be at least 1")
@@ -684,7 +950,9 @@ def parse_config(argv=None):
         if type(value) is float and not abs(value) <= 3.4e38:  # also false for nan
             fail(f"--{name}={value} must be a finite number within float32's range (3.4e38)")
     checks = model_checks(config) + [  # the same in every script
-        (0 <= config.warmup_steps <= config.steps,
+        (config.steps >= 1 or (config.steps == 0 and config.init_from),
+         f"--steps={config.steps} must be at least 1 (--steps=0 only samples, from an --init_from model)"),
+        (0 <= config.warmup_steps <= config.steps or config.steps == 0,
          f"--warmup_steps={config.warmup_steps} must be between 0 and --steps={config.steps}"),
         (0 <= config.min_learning_rate <= config.learning_rate,
          f"--min_learning_rate={config.min_learning_rate} must be in [0, --learning_rate={config.learning_rate}]"),
@@ -694,6 +962,10 @@ def parse_config(argv=None):
          "--temperature must be in [1e-6, 1e6], --top_k and --sample_tokens >= 0"),
         (0 <= config.seed < 2**32, f"--seed={config.seed} must be in [0, 2**32)"),
         (os.path.isfile(config.data), f"data file {config.data} not found; pass --data=PATH (a text file or a .npy)"),
+        (not config.prompt or os.path.isfile(config.prompt), f"prompt file {config.prompt} not found; pass an existing "
+         f"file (a .npy made by bpe.py, or text with byte data)"),
+        (not (config.init_from and config.resume), "--init_from starts a new run from published weights, --resume "
+         "continues a checkpoint: pass one of them"),
         (os.path.isfile(os.path.join(config.out_dir, CHECKPOINT)) or not config.resume,
          f"--resume=true but there is no checkpoint {os.path.join(config.out_dir, CHECKPOINT)}; drop --resume or "
          f"pass the right --out_dir"),
@@ -828,12 +1100,24 @@ def main(argv=None):
     quit_on_signal("before training; nothing was written")
     config = parse_config(argv)
     train_tokens, val_tokens, token_bytes, floor = load_data(config)
+    if config.init_from and len(token_bytes) != config.vocab_size:
+        fail(f"{config.data} has a vocabulary of {len(token_bytes)} tokens, {config.init_from} one of "
+             f"{config.vocab_size}; tokenize it with the model's: python bpe.py --tokenizer={config.init_from} "
+             f"--data=FILE")
     config.vocab_size = len(token_bytes)
     check_memory(config)  # now that vocab_size is known
+    prompt = read_prompt(config, val_tokens, token_bytes)
+    torch.manual_seed(config.seed)
+    model = MoE(config)
+    if config.init_from:  # every tensor is checked before any is copied, and before out_dir is touched
+        load_pretrained(model, config)
+        options = pretrained_options(config.init_from).items()  # what --resume=true will need to be told again
+        print(f"loaded {config.init_from}: " + " ".join(f"--{k}={v}" for k, v in options if k != "vocab_size"))
+    if config.steps == 0:  # only sample from the published model: nothing is written
+        quit_on_signal("while sampling")
+        return sample(model, prompt, token_bytes, config)
     with locked_out_dir(config):  # until main ends
         checkpoint = open_checkpoint(config)
-        torch.manual_seed(config.seed)
-        model = MoE(config)
         optimizer = make_optimizer(model, config)
         data_rng = np.random.default_rng(config.seed)
         start_step = 0
@@ -889,10 +1173,7 @@ def main(argv=None):
                 sys.exit(128 + stop_requested[0])
 
         quit_on_signal(f"while sampling; {path} holds the trained model")
-        prompt = sample_prompt(val_tokens, token_bytes, max(1, config.seq_len // 4))
-        print("sample:", flush=True)
-        tokens = generate(model, prompt, config.sample_tokens, config.temperature, config.top_k)
-        print(b"".join(token_bytes[t] for t in tokens).decode("utf-8", errors="replace"))
+        sample(model, prompt, token_bytes, config)
 
 
 if __name__ == "__main__":

@@ -1004,6 +1004,199 @@ def test_bpe_corpus_trains_gpt_and_reports_bits_per_byte():
         assert floor == 0.125 and "sample:" in result.stdout
 
 
+# ---- importing a published tokenizer (fixtures made by tools/make_tokenizer_fixtures.py) ---------------------
+
+TOKENIZER_FIXTURES = os.path.join(ROOT, "fixtures", "tokenizer")
+
+
+def _reference(name):
+    """The Hugging Face tokenizers library's own ids for the fixture's texts."""
+    with open(os.path.join(TOKENIZER_FIXTURES, name, "reference.json"), encoding="utf-8") as f:
+        reference = json.load(f)
+    return list(zip(reference["texts"] + [reference["file_text"]], reference["ids"] + [reference["file_ids"]]))
+
+
+def _edited_fixture(folder, edit, name="modern"):
+    """A copy of a fixture in folder/<name>, its tokenizer.json changed by edit(state); returns the copy's path."""
+    copy = shutil.copytree(os.path.join(TOKENIZER_FIXTURES, name), os.path.join(folder, name))
+    if edit is not None:
+        with open(os.path.join(copy, "tokenizer.json"), encoding="utf-8") as f:
+            state = json.load(f)
+        edit(state)
+        with open(os.path.join(copy, "tokenizer.json"), "w", encoding="utf-8") as f:
+            json.dump(state, f)
+    return copy
+
+
+def test_bpe_import_equals_the_published_ids():
+    # Both layouts: tokenizer.json (Llama 3's split pattern, ignore_merges, config.json's 5 unused rows) and GPT-2's
+    # vocab.json + merges.txt. Contractions, numbers, Unicode, whitespace and punctuation runs, <|endoftext|>.
+    for name, special_id, rows in [("modern", 0, 406), ("gpt2_style", 400, 401)]:
+        tokenizer = bpe.import_tokenizer(os.path.join(TOKENIZER_FIXTURES, name))
+        for text, ids in _reference(name):
+            assert tokenizer.encode(text, allowed_special="all") == ids, (name, text)
+            assert b"".join(tokenizer.token_bytes[i] for i in ids) == text.encode("utf-8")
+        assert tokenizer.special_tokens == {"<|endoftext|>": special_id} and tokenizer.vocab_size == rows
+    assert tokenizer.pattern == bpe.translate_pattern(bpe.GPT2_PATTERN)
+    modern = bpe.import_tokenizer(os.path.join(TOKENIZER_FIXTURES, "modern"))
+    assert modern.token_bytes[400] == "café".encode("utf-8") and modern.encode("café") == [400]  # ignore_merges
+    assert modern.token_bytes[401:] == [b""] * 5 and all(modern.token_bytes[:401])  # padded to config.json's rows
+    with tempfile.TemporaryDirectory() as folder:  # bpe.py's JSON keeps all of it
+        modern.save(os.path.join(folder, "modern.json"))
+        loaded = bpe.Tokenizer.load(os.path.join(folder, "modern.json"))
+    assert loaded.token_bytes == modern.token_bytes and loaded.imported_from == "modern"
+    assert [loaded.encode(text, allowed_special="all") for text, _ in _reference("modern")] == [
+        ids for _, ids in _reference("modern")]
+
+
+def test_bpe_import_keeps_the_published_ids():
+    # Renumber the published ids (every id times 7, plus 3: holes everywhere, the special token moved too): the
+    # encoding must be the reference's ids renumbered alike, and each hole an empty (unused) entry.
+    def renumber(state):
+        state["model"]["vocab"] = {token: 7 * i + 3 for token, i in state["model"]["vocab"].items()}
+        for token in state["added_tokens"]:
+            token["id"] = 7 * token["id"] + 3
+    with tempfile.TemporaryDirectory() as folder:
+        copy = _edited_fixture(folder, renumber)
+        os.remove(os.path.join(copy, "config.json"))  # its vocab_size is below the new ids
+        tokenizer = bpe.import_tokenizer(copy)
+    for text, ids in _reference("modern"):
+        assert tokenizer.encode(text, allowed_special="all") == [7 * i + 3 for i in ids], text
+    assert tokenizer.vocab_size == 7 * 400 + 3 + 1 and tokenizer.token_bytes.count(b"") == tokenizer.vocab_size - 401
+
+
+def test_bpe_import_merges_one_pair_at_a_time():
+    # Published merge lists may use a token before the merge that makes it (those converted from tiktoken do). Here
+    # merge 0 is "ab"+"a" and merge 1 makes "ab". On "abab" Hugging Face (tokenizers 0.23.3) merges the leftmost
+    # "ab", then at once the now-possible "ab"+"a" of rank 0: [aba, b] = [257, 98]. Merging every "ab" first would
+    # give [ab, ab] = [256, 256].
+    characters = bpe.byte_characters()
+    vocab = {characters[byte]: byte for byte in range(256)} | {"ab": 256, "aba": 257}
+    state = {"model": {"type": "BPE", "vocab": vocab, "merges": ["ab a", "a b"]}, "added_tokens": [],
+             "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}}
+    with tempfile.TemporaryDirectory() as folder:
+        with open(os.path.join(folder, "tokenizer.json"), "w") as f:
+            json.dump(state, f)
+        tokenizer = bpe.import_tokenizer(folder)
+    assert tokenizer.encode("abab") == [257, 98] and tokenizer.encode("ababab") == [257, 98, 256]
+    assert tokenizer.encode("aab") == [97, 256]
+
+
+def test_bpe_import_translates_split_patterns():
+    # Worked by hand from the rules in translate_pattern's docstring.
+    assert bpe.translate_pattern(bpe.GPT2_PATTERN) == (
+        r"'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?(?:(?![\s])[\W_])+|\s+(?!\S)|\s+")
+    qwen2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+             r"\s+(?!\S)|\s+")
+    assert bpe.translate_pattern(qwen2) == (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|(?:(?![\r\n])[\W_])?[^\W\d_]+|\d| ?"
+                                           r"(?:(?![\s])[\W_])+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+    # The Llama 3 pattern, translated, splits exactly as bpe.py's own hand translation of the same pattern.
+    llama3 = re.compile(bpe.translate_pattern(qwen2.replace(r"|\p{N}|", r"|\p{N}{1,3}|")))
+    rng = random.Random(9)
+    for _ in range(200):
+        text = _random_unicode(rng, 40)
+        assert llama3.findall(text) == bpe.SPLIT_RE.findall(text)
+    assert bpe.translate_pattern(r"[\p{L}_]+|(\pN)") == r"(?:[_]|[^\W\d_])+|(?:\d)"
+    for refused in [r"\p{Lu}+", r"\w+", r"^\s+", r"[[:alpha:]]", r"\p{L}*", r"[\P{L}]", "(?i)ab|c"]:
+        try:
+            bpe.translate_pattern(refused)
+            assert False, f"{refused!r} should be refused"
+        except bpe.ImportRefused as e:
+            assert repr(refused) in str(e) and "\n" not in str(e)
+    # NFC, as Qwen2 sets it: a decomposed "é" encodes as the composed one.
+    with tempfile.TemporaryDirectory() as folder:
+        copy = _edited_fixture(folder, lambda state: state.update(normalizer={"type": "NFC"}))
+        tokenizer = bpe.import_tokenizer(copy)
+    assert tokenizer.encode("cafe\u0301") == tokenizer.encode("café") == [400]
+    # SmolLM's Sequence: Digits (each digit alone), then ByteLevel with GPT-2's regex. "a 2024 b" splits into
+    # "a ", "2", "0", "2", "4", " b" (the text between digits is kept), then "a " into "a", " ".
+    smollm = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                    {"type": "ByteLevel", "add_prefix_space": False}]}
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer = bpe.import_tokenizer(_edited_fixture(folder, lambda state: state.update(pre_tokenizer=smollm)))
+    pieces = ["a", " ", "2", "0", "2", "4", " b"]
+    assert tokenizer.encode("a 2024 b") == [i for piece in pieces for i in tokenizer.encode(piece)]
+    assert tokenizer.decode(tokenizer.encode("a 2024 b")) == "a 2024 b"
+    assert re.findall(bpe.with_gaps(r"\d"), "a 2024 b") == ["a ", "2", "0", "2", "4", " b"]
+
+
+def test_bpe_import_cli_writes_the_published_ids():
+    with tempfile.TemporaryDirectory() as folder:
+        text, ids = _reference("modern")[-1]
+        write(folder, "story.txt", text.encode("utf-8"))
+        modern = os.path.join(TOKENIZER_FIXTURES, "modern")
+        result = run_in(folder, "bpe.py", f"--tokenizer={modern}", "--data=story.txt")
+        assert result.returncode == 0, result.stderr
+        assert np.load(os.path.join(folder, "story.txt.modern.npy")).tolist() == ids
+        with open(os.path.join(folder, "story.txt.modern.json"), encoding="utf-8") as f:
+            token_bytes = json.load(f)["token_bytes"]  # all a model script reads
+        assert len(token_bytes) == 406 and token_bytes[401:] == [""] * 5  # config.json's vocab_size, unused rows ""
+        assert decodes_to(folder, "story.txt.modern") == text.encode("utf-8")
+        with open(os.path.join(folder, "story.txt.modern.vocab.txt"), encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        assert lines[0] == "     0  '<|endoftext|>'  (special)" and lines[-1] == "   405  ''  (unused)"
+
+
+def test_bpe_import_refuses_what_it_cannot_reproduce():
+    # Each with one line on stderr, exit status 2, nothing written.
+    with tempfile.TemporaryDirectory() as folder:
+        write(folder, "story.txt", b"Once upon a time.")
+
+        def fixture(name, edit):
+            copy = _edited_fixture(folder, edit)
+            os.rename(copy, os.path.join(folder, name))
+            return os.path.join(folder, name) if edit is None else name
+        def model(**fields):
+            return lambda state: state["model"].update(fields)
+        def pre_tokenizer(step):
+            return lambda state: state.update(pre_tokenizer=step)
+        os.mkdir(os.path.join(folder, "empty"))
+        refusals = [  # (the tokenizer folder, options, words the one line must hold)
+            (fixture("unigram", model(type="Unigram")), [], ["unigram/tokenizer.json", "Unigram", "not byte-level"]),
+            (fixture("fallback", model(byte_fallback=True)), [], ["SentencePiece", "byte_fallback"]),
+            (fixture("whitespace", pre_tokenizer({"type": "Whitespace"})), [], ["Whitespace", "ByteLevel"]),
+            ("empty", [], ["empty has neither tokenizer.json nor vocab.json + merges.txt"]),
+            ("missing", [], ["missing is not a folder"]),
+            ("unigram", ["--vocab_size=300"], ["--vocab_size", "--tokenizer"]),
+        ]
+        before = snapshot(folder)
+        for name, options, words in refusals:  # main() in this process: a subprocess would add 0.3 s each
+            status, lines = exit_of(bpe, [f"--tokenizer={os.path.join(folder, name)}",
+                                          f"--data={os.path.join(folder, 'story.txt')}", *options])
+            assert status == 2 and len(lines) == 1 and all(word in lines[0] for word in words), (name, lines)
+        assert snapshot(folder) == before
+
+        # More refusals, by the import function itself: each is one line naming what to fix.
+        in_process = [  # (edit of the modern fixture's tokenizer.json, words of the reason)
+            (model(type="WordPiece"), ["WordPiece"]),
+            (pre_tokenizer({"type": "Metaspace", "replacement": "\u2581"}), ["SentencePiece", "Metaspace"]),
+            (pre_tokenizer({"type": "ByteLevel", "add_prefix_space": True}), ["add_prefix_space"]),
+            (lambda state: state.update(normalizer={"type": "NFKC"}), ["normalizer", "NFKC"]),
+            (lambda state: state["pre_tokenizer"]["pretokenizers"][0]["pattern"].update(Regex=r"\p{Lu}+"), [r"\p{Lu}"]),
+            (lambda state: state["model"]["merges"].append(["h", "zzz"]), ["merge 143", "'zzz'", "not in the vocab"]),
+            (lambda state: state["model"]["vocab"].pop("Ā"), ["no token for 1 of the 256 bytes", "0x00"]),
+            (lambda state: state["added_tokens"][0].update(lstrip=True), ["<|endoftext|>", "lstrip"]),
+            (model(continuing_subword_prefix="##"), ["continuing_subword_prefix"]),
+            (lambda state: state.update(model=[]), ["no tokenizer model"]),
+        ]
+        for i, (edit, words) in enumerate(in_process):
+            copy = fixture(f"edit{i}", edit)
+            try:
+                bpe.import_tokenizer(os.path.join(folder, copy))
+                assert False, f"edit {i} should be refused"
+            except bpe.ImportRefused as e:
+                assert "\n" not in str(e) and all(word in str(e) for word in words), (i, str(e))
+        write(fixture("badjson", None), "tokenizer.json", b"{not json")
+        write(fixture("fewrows", None), "config.json", b'{"vocab_size": 300}')
+        for name, words in [("badjson", ["badjson/tokenizer.json is not valid JSON"]),
+                            ("fewrows", ["fewrows/config.json: vocab_size 300", "tokenizer's 401 ids"])]:
+            try:
+                bpe.import_tokenizer(os.path.join(folder, name))
+                assert False, name
+            except bpe.ImportRefused as e:
+                assert all(word in str(e) for word in words), (name, str(e))
+
+
 # -----------------------------------------------------------------------------
 # Llama: llama_torch.py and llama_jax.py
 
@@ -1161,7 +1354,8 @@ def decode_in_chunks(torch_model, jax_model, tokens, prompt, jax_chunk=True):
     def jax_step(state, tokens, cache, position):
         return nnx.merge(graphdef, state)(tokens, cache=cache, position=position)[0], cache
 
-    torch_cache, jax_cache = torch_model.new_cache(len(tokens)), jax_model.new_cache(len(tokens))
+    torch_cache = torch_model.new_cache(len(tokens), torch_model.max_len)
+    jax_cache = jax_model.new_cache(len(tokens), jax_model.max_len)
     torch_steps, jax_steps = [], []
     chunks = [(0, prompt), (prompt, prompt + 4)] + [(start, start + 1) for start in range(prompt + 4, len(tokens[0]))]
     for start, end in chunks:
@@ -1225,26 +1419,29 @@ def test_llama_rope_depends_only_on_distance():
         assert np.allclose(apply(query, 0), query)  # position 0: no rotation
 
 
-def test_llama_yarn_frequencies():
-    """Factor 1 is plain RoPE bit for bit; for s > 1 each frequency follows the ramp of Peng et al. 2023 (eq. 17-20):
-    kept where r = seq_len / wavelength > beta, divided by s where r < alpha, blended linearly in r in between; cos
-    and sin carry the attention factor 0.1 ln s + 1 (section 3.4). Expected values computed here with math."""
-    head_dim, base, seq_len = 32, 10000.0, 1024
+def test_llama_rope_scaling_frequencies():
+    """Factor 1 is plain RoPE bit for bit. For s > 1, rope_type=llama3 follows YaRN's equations 17-20 (Peng et al.
+    2023) as Llama 3.1 uses them: kept where r = original_len / wavelength > beta, divided by s where r < alpha,
+    blended linearly in r in between, no attention factor. rope_type=yarn follows the authors' released code: the
+    ends where r = beta and r = alpha, as fractional dimension indices, floored and ceiled, a ramp linear in the
+    index between them, and cos and sin times 0.1 ln s + 1 (section 3.4). Expected values computed here with math,
+    the YaRN indices also worked by hand for one case."""
+    head_dim, base, original_len = 32, 10000.0, 1024
     positions = np.arange(300, dtype=np.float64)[:, None]
     plain = base ** (-np.arange(0, head_dim, 2) / head_dim)
     for module in (llama_torch, llama_jax):
-        cos, sin = module.rope_tables(llama_config(module, model_dim=4 * head_dim, seq_len=seq_len), 300)
+        cos, sin = module.rope_tables(llama_config(module, model_dim=4 * head_dim, seq_len=original_len), 300)
         assert np.array_equal(cos, np.cos(np.concatenate([positions * plain] * 2, axis=1)).astype(np.float32))
         assert np.array_equal(sin, np.sin(np.concatenate([positions * plain] * 2, axis=1)).astype(np.float32))
     for scale, alpha, beta in ((4.0, 1.0, 32.0), (2.5, 2.0, 8.0)):
-        config = llama_config(llama_torch, model_dim=4 * head_dim, seq_len=seq_len, rope_scaling=scale,
-                              yarn_alpha=alpha, yarn_beta=beta)
+        config = llama_config(llama_torch, model_dim=4 * head_dim, seq_len=16, original_len=original_len,
+                              rope_scaling=scale, rope_type="llama3", yarn_alpha=alpha, yarn_beta=beta)
         theta, factor = llama_torch.rope_frequencies(config)
-        assert abs(factor - (0.1 * math.log(scale) + 1)) < 1e-12
+        assert factor == 1.0
         regimes = set()
         for i in range(head_dim // 2):
             original = base ** (-2 * i / head_dim)
-            r = seq_len / (2 * math.pi / original)
+            r = original_len / (2 * math.pi / original)
             if r > beta:
                 expected = original
             elif r < alpha:
@@ -1255,7 +1452,16 @@ def test_llama_yarn_frequencies():
             regimes.add("kept" if r > beta else "interpolated" if r < alpha else "ramp")
             assert abs(theta[i] - expected) <= 1e-12 * original, (i, theta[i], expected)
         assert regimes == {"kept", "interpolated", "ramp"}  # the cases cover all three
-        cos, sin = llama_jax.rope_tables(config, 300)
+    # YaRN, head_dim 32, rope_theta 10000, original_len 1024, s = 4, alpha 1, beta 32: the pair turning r times sits at
+    # index 32 ln(1024 / (2 pi r)) / (2 ln 10000), 2.83 for r = 32 and 8.85 for r = 1: floor 2 and ceil 9
+    config = llama_config(llama_torch, model_dim=4 * head_dim, seq_len=16, original_len=original_len, rope_scaling=4.0)
+    theta, factor = llama_torch.rope_frequencies(config)
+    assert abs(factor - (0.1 * math.log(4) + 1)) < 1e-12
+    kept = np.clip((np.arange(head_dim // 2) - 2) / (9 - 2), 0, 1)  # 0 where kept, 1 where divided by s
+    assert np.allclose(theta, (1 - kept) * plain + kept * plain / 4, rtol=1e-12, atol=0)
+    assert 0 < kept[3] < 1 and kept[1] == 0 and kept[12] == 1
+    for module in (llama_torch, llama_jax):
+        cos, sin = module.rope_tables(config, 300)
         assert np.allclose(cos[0], factor) and np.allclose(sin[0], 0)  # position 0: cos 1, times the factor
         angle = 250 * theta[5]
         assert np.allclose([cos[250, 5], sin[250, 5 + head_dim // 2]],
@@ -2417,6 +2623,215 @@ def test_skeleton_ctrl_c_while_the_libraries_load():
             status, lines = process.returncode, stderr.splitlines()
             assert status == -signal.SIGINT or (status == 130 and len(lines) == 1), (status, lines)
         assert not os.path.exists(f"{tmp}/loading")
+
+
+# -----------------------------------------------------------------------------
+# Published weights: each script loads Hugging Face folders (--init_from), checked against fixtures/, tiny random
+# models saved by transformers with their logits (tools/make_hf_fixtures.py)
+
+
+FIXTURES = os.path.join(ROOT, "fixtures")
+MODEL_CLASSES = {gpt_torch: gpt_torch.GPT, gpt_jax: gpt_jax.GPT, llama_torch: llama_torch.Llama,
+                 llama_jax: llama_jax.Llama, moe_torch: moe_torch.MoE, moe_jax: moe_jax.MoE,
+                 mamba_torch: mamba_torch.Mamba, mamba_jax: mamba_jax.Mamba}
+FAMILY_FIXTURES = {"gpt": ["gpt2"], "llama": ["llama", "llama3_rope", "llama_yarn", "qwen3"],
+                   "moe": ["mixtral", "qwen2_moe"], "mamba": ["mamba"]}
+
+
+def write_safetensors(path, tensors):
+    """A .safetensors file written here from the format's definition, not by the reader under test: the JSON header's
+    length (8 bytes, little-endian), the header, then the data. tensors: {name: array}; float32 -> F32, float16 ->
+    F16, uint16 -> BF16 (raw bits)."""
+    header, blobs, offset = {}, [], 0
+    for name, array in tensors.items():
+        kind = {"float32": "F32", "float16": "F16", "uint16": "BF16"}[array.dtype.name]
+        blob = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
+        header[name] = {"dtype": kind, "shape": list(array.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    text = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text + b"".join(blobs))
+
+
+def fixture_tensors(name):
+    """{name: float32 array} of a fixture, read here with json and numpy (shards included)."""
+    tensors = {}
+    for file in sorted(f for f in os.listdir(os.path.join(FIXTURES, name)) if f.endswith(".safetensors")):
+        data = open(os.path.join(FIXTURES, name, file), "rb").read()
+        size = int.from_bytes(data[:8], "little")
+        for key, entry in json.loads(data[8 : 8 + size]).items():
+            if key != "__metadata__":
+                begin, end = entry["data_offsets"]
+                tensors[key] = np.frombuffer(data[8 + size + begin : 8 + size + end], "<f4").reshape(entry["shape"])
+    return tensors
+
+
+def copy_fixture(name, folder, tensors=None, **config_changes):
+    """The fixture's config.json (with config_changes) and its tensors (or the given ones) in one file, in folder."""
+    os.makedirs(folder)
+    config = json.load(open(os.path.join(FIXTURES, name, "config.json"))) | config_changes
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    write_safetensors(os.path.join(folder, "model.safetensors"), fixture_tensors(name) if tensors is None else tensors)
+    return folder
+
+
+def load_published(module, folder, *args):
+    """module's model with folder's weights, as main() builds it; returns (model, config)."""
+    config = module.parse_config([f"--init_from={folder}", f"--data={STORIES}", *args])
+    model = MODEL_CLASSES[module](config) if module.__name__.endswith("torch") else MODEL_CLASSES[module](
+        config, nnx.Rngs(0))
+    module.load_pretrained(model, config)
+    return model, config
+
+
+def published_logits(module, model, tokens):
+    if module.__name__.endswith("torch"):
+        with torch.no_grad():
+            return model(torch.from_numpy(tokens))[0].numpy()
+    return np.asarray(model(jnp.asarray(tokens))[0])
+
+
+def assert_loads_published(family):
+    """Every fixture of the family, loaded through --init_from in both frameworks, gives the logits transformers
+    computed for it (5e-5 torch, 1e-4 jax). The models are initialised with other weights first: a tensor not
+    copied shows."""
+    torch_module, jax_module = globals()[f"{family}_torch"], globals()[f"{family}_jax"]
+    for name in FAMILY_FIXTURES[family]:
+        reference = np.load(os.path.join(FIXTURES, name, "reference.npz"))
+        for module, tolerance in ((torch_module, 5e-5), (jax_module, 1e-4)):
+            model, _ = load_published(module, os.path.join(FIXTURES, name))
+            error = np.abs(published_logits(module, model, reference["tokens"]) - reference["logits"]).max()
+            assert error < tolerance, (module.__name__, name, error)
+
+
+def test_gpt_loads_published_checkpoints():
+    assert_loads_published("gpt")
+
+
+def test_llama_loads_published_checkpoints():
+    assert_loads_published("llama")
+
+
+def test_moe_loads_published_checkpoints():
+    assert_loads_published("moe")
+
+
+def test_mamba_loads_published_checkpoints():
+    assert_loads_published("mamba")
+
+
+def test_llama_reads_bf16_and_f16_checkpoints():
+    # The same fixture saved in BF16 and F16 (converted here by torch and numpy, round to nearest): every loaded
+    # weight equals the rounded value exactly, in both frameworks, and the logits stay near float32's.
+    tensors = fixture_tensors("llama3_rope")
+    bf16 = {k: torch.from_numpy(v.copy()).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+            for k, v in tensors.items()}
+    expected = {k: torch.from_numpy(v.copy()).to(torch.bfloat16).float().numpy() for k, v in tensors.items()}
+    assert any(not np.array_equal(expected[k], tensors[k]) for k in tensors)  # the rounding shows
+    reference = np.load(os.path.join(FIXTURES, "llama3_rope", "reference.npz"))
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind, saved, rounded in (("bf16", bf16, expected),
+                                     ("f16", {k: v.astype(np.float16) for k, v in tensors.items()},
+                                      {k: v.astype(np.float16).astype(np.float32) for k, v in tensors.items()})):
+            folder = copy_fixture("llama3_rope", f"{tmp}/{kind}", saved)
+            for module in (llama_torch, llama_jax):
+                model, _ = load_published(module, folder)
+                torch_model = model if module is llama_torch else None
+                if torch_model is not None:
+                    assert np.array_equal(torch_model.blocks[1].ffn.down.weight.detach().numpy(),
+                                          rounded["model.layers.1.mlp.down_proj.weight"])
+                    assert np.array_equal(torch_model.token_embedding.weight.detach().numpy(),
+                                          rounded["model.embed_tokens.weight"])
+                else:
+                    assert np.array_equal(np.asarray(model.blocks[1].ffn.down.kernel[...]),
+                                          rounded["model.layers.1.mlp.down_proj.weight"].T)
+                error = np.abs(published_logits(module, model, reference["tokens"]) - reference["logits"]).max()
+                assert error < (0.2 if kind == "bf16" else 0.02), (kind, module.__name__, error)
+
+
+# a key whose value each family does not implement: refused, naming it
+UNSUPPORTED_KEYS = {"gpt": ("activation_function", "relu"), "llama": ("hidden_act", "gelu"),
+                    "moe": ("hidden_act", "gelu"), "mamba": ("use_bias", True)}
+
+
+def test_skeleton_init_from_refuses_bad_folders():
+    # Each script refuses, with one line and exit status 2, writing nothing: a folder without config.json or without
+    # weights, a damaged safetensors file (header length past the end, offsets outside the data, overlapping tensors,
+    # an unknown dtype, a truncated file), a missing, unexpected or wrongly shaped tensor, a config key it does not
+    # implement, another family's model, data of another vocabulary, an option that contradicts config.json, and
+    # --init_from with --resume.
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_tiny_corpus(tmp)
+        for module in SKELETON:
+            family = module.__name__.split("_")[0]
+            name = FAMILY_FIXTURES[family][0]
+            tensors = fixture_tensors(name)
+            first, last = sorted(tensors)[0], sorted(tensors)[-1]
+            base = f"{tmp}/{module.__name__}"
+            os.makedirs(f"{base}/empty")
+            folder = lambda label, **changes: copy_fixture(name, f"{base}/{label}", **changes)
+
+            def damaged(label, content):
+                path = folder(label)
+                with open(f"{path}/model.safetensors", "wb") as f:
+                    f.write(content)
+                return path
+            header = lambda entries: (lambda text: len(text).to_bytes(8, "little") + text)(json.dumps(entries).encode())
+            entry = lambda kind, begin, end: {"dtype": kind, "shape": [(end - begin) // 4], "data_offsets": [begin, end]}
+            whole = open(f"{FIXTURES}/{name}/model.safetensors", "rb").read()
+            other = "mamba" if family != "mamba" else "gpt2"
+            key, value = UNSUPPORTED_KEYS[family]
+            cases = [
+                (f"{tmp}/no_such_folder", [], "config.json"),
+                (f"{base}/empty", [], "config.json"),
+                (damaged("long_header", (10**6).to_bytes(8, "little") + b"{}"), [], "header length"),
+                (damaged("outside", header({"x": entry("F32", 0, 64)}) + bytes(16)), [], "past the end"),
+                (damaged("overlap", header({"x": entry("F32", 0, 16), "y": entry("F32", 8, 24)}) + bytes(24)), [],
+                 "overlap"),
+                (damaged("dtype", header({"x": entry("F64", 0, 16)}) + bytes(16)), [], "F64"),
+                (damaged("truncated", whole[: len(whole) // 2]), [], "safetensors"),
+                (damaged("not_json", (4).to_bytes(8, "little") + b"{{{{"), [], "safetensors"),
+                (folder("missing", tensors={k: v for k, v in tensors.items() if k != last}), [], last),
+                (folder("unexpected", tensors=tensors | {"extra.weight": np.zeros(3, np.float32)}), [], "extra.weight"),
+                (folder("shape", tensors=tensors | {first: tensors[first][..., :-1].copy()}), [], first),
+                (folder("key", **{key: value}), [], key),
+                (folder("vocab", vocab_size=300), [], "vocabulary"),
+                (f"{FIXTURES}/{other}", [], other),
+                (f"{FIXTURES}/{name}", ["--num_layers=5"], "--num_layers"),
+                (f"{FIXTURES}/{name}", ["--resume=true"], "--resume"),
+            ]
+            os.remove(f"{folder('no_weights')}/model.safetensors")
+            cases.append((f"{base}/no_weights", [], "model.safetensors"))
+            for init_from, args, word in cases:
+                assert_refused(module, [f"--init_from={init_from}", f"--data={data}", f"--out_dir={tmp}/out",
+                                        "--steps=0", *args], word, tmp)
+            assert not os.path.exists(f"{tmp}/out")
+
+
+def test_llama_init_from_samples_and_fine_tunes():
+    # As a user runs it: --steps=0 only samples, from --prompt's text, and writes nothing; a few fine-tuning steps
+    # lower the loss of the loaded model and save a checkpoint; both frameworks.
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(f"{tmp}/prompt.txt", "w") as f:
+            f.write("Once upon a time")
+        folder = os.path.join(FIXTURES, "llama3_rope")
+        for module in (llama_torch, llama_jax):
+            out = run_main(module, [f"--init_from={folder}", f"--data={STORIES}", f"--prompt={tmp}/prompt.txt",
+                                    "--steps=0", "--sample_tokens=20", f"--out_dir={tmp}/none"])
+            assert "loaded" in out and "--rope_type=llama3" in out
+            assert out.split("sample:\n")[1].startswith("Once upon a time"), out
+            assert not os.path.exists(f"{tmp}/none")
+        args = [f"--init_from={folder}", f"--data={STORIES}", "--steps=12", "--warmup_steps=0", "--log_interval=1",
+                "--eval_interval=12", "--eval_steps=1", "--sample_tokens=0", "--batch_size=4", "--seq_len=32"]
+        runs = run_scripts(*[(script, *args, f"--out_dir={tmp}/{script}") for script in ("llama_torch.py",
+                                                                                        "llama_jax.py")])
+        for script, result in zip(("llama_torch.py", "llama_jax.py"), runs):
+            assert result.returncode == 0, result.stderr
+            losses = parse_losses(result.stdout)
+            assert len(losses) == 12 and np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.3, (script, losses)
+            assert os.path.exists(f"{tmp}/{script}/ckpt." + ("pt" if "torch" in script else "npz"))
 
 
 # -----------------------------------------------------------------------------
