@@ -263,11 +263,11 @@ def read_tokens(path):
     else:
         tokens = read_file(path, lambda f: np.frombuffer(f.read(), dtype=np.uint8), "a readable file")
         token_bytes = [bytes([i]) for i in range(256)]
-    # embedding lookups would fail or read garbage; a token without bytes would decode to nothing
-    if not (len(tokens) and 0 <= tokens.min() <= tokens.max() < len(token_bytes)
-            and all(token_bytes[t] for t in np.unique(tokens))):
+    if not (len(tokens) and 0 <= tokens.min() <= tokens.max() < len(token_bytes)):  # embedding lookups would fail
         fail(f"{path} is empty or holds token ids outside its vocabulary of {len(token_bytes)}; tokenize again with "
              f"bpe.py")
+    if not all(token_bytes[t] for t in np.unique(tokens)):  # it would decode to nothing and count no bytes
+        fail(f"{path} holds a token that has no bytes in its vocabulary; tokenize again with bpe.py")
     return tokens, token_bytes
 
 
@@ -387,7 +387,8 @@ HF_NAMES = {"token_embedding": "wte", "position_embedding": "wpe", "final_norm":
 HF_BLOCK_NAMES = {"attn_norm": "ln_1", "attn.qkv": "attn.c_attn", "attn.out_proj": "attn.c_proj", "ffn_norm": "ln_2",
                   "ffn.up": "mlp.c_fc", "ffn.down": "mlp.c_proj"}
 HF_DERIVED = r"(transformer\.)?h\.\d+\.attn\.(masked_)?bias"  # the causal mask, saved by older exports
-SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}  # BF16 as raw 16-bit words: see to_float32
+# BF16 as raw 16-bit words: see to_float32; BOOL and U8: the causal masks of transformers 4.x's saves, skipped
+SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "BOOL": "|b1", "U8": "|u1"}
 
 
 def pretrained_options(folder):
@@ -470,12 +471,11 @@ def hf_name(name):
     return f"h.{block[1]}.{HF_BLOCK_NAMES[block[2]]}.{leaf}" if block else f"{HF_NAMES[module]}.{leaf}"
 
 
-def load_pretrained(model, config):
-    """Copy --init_from's weights into the model, once every parameter has its tensor with the right shape and the
+def load_pretrained(model, tensors, config):
+    """Copy --init_from's tensors into the model, once every parameter has its tensor with the right shape and the
     checkpoint has no tensor left over (each refusal names the tensor). GPT-2 keeps its projections as Conv1D, whose
     weight is (in, out), as flax keeps a Linear's kernel: nothing transposes (torch's twin does). c_attn holds query,
     key and value side by side, as qkv does."""
-    tensors = read_pretrained(config.init_from)
     # GPT2LMHeadModel saves its tensors under transformer., GPT2Model (the Hub's gpt2, gpt2-medium) without
     prefix = "transformer." if any(name.startswith("transformer.") for name in tensors) else ""
     params = {}  # {Hugging Face name: the parameter}
@@ -492,6 +492,8 @@ def load_pretrained(model, config):
         fail(f"{config.init_from} {'lacks' if name in params else 'has an unexpected'} tensor {name}; it is not a "
              f"checkpoint of the model its config.json describes")
     for name, param in params.items():
+        if tensors[name].dtype.itemsize == 1:  # BOOL, U8: a mask's types, never a weight's
+            fail(f"{config.init_from}: {name} has dtype {tensors[name].dtype}, not a float; the checkpoint is damaged")
         if tensors[name].shape != param.shape:
             fail(f"{config.init_from}: {name} has shape {tensors[name].shape}, its config.json makes it "
                  f"{param.shape}; the checkpoint and its config do not match")
@@ -657,7 +659,7 @@ def check_memory(config):
     weights = config.vocab_size * config.model_dim + 2 * config.num_layers * config.model_dim**2
     tokens = config.batch_size * config.seq_len
     scores = tokens * config.num_heads * config.seq_len
-    needed = 16 * weights + 4 * tokens * (2 * config.vocab_size + 4 * config.num_layers * config.model_dim + scores)
+    needed = 16 * weights + 4 * (tokens * (2 * config.vocab_size + 4 * config.num_layers * config.model_dim) + scores)
     if needed >= MEMORY:
         fail(f"training this model needs at least {needed / 2**30:.1f} GiB of memory, this machine has "
              f"{MEMORY / 2**30:.1f}; use a smaller --batch_size, --seq_len, --model_dim or --num_layers")
@@ -778,12 +780,14 @@ def main(argv=None):
              f"{config.vocab_size}; tokenize it with the model's: python bpe.py --tokenizer={config.init_from} "
              f"--data=FILE")
     config.vocab_size = len(token_bytes)
-    check_memory(config)  # now that vocab_size is known
+    if config.steps:  # --steps=0 only samples
+        check_memory(config)  # now that vocab_size is known
     prompt = read_prompt(config, val_tokens, token_bytes)
+    tensors = read_pretrained(config.init_from) if config.init_from else None  # memory-mapped
     init_key, dropout_key, sample_key = jax.random.split(jax.random.key(config.seed), 3)
     model = GPT(config, nnx.Rngs(init_key))
     if config.init_from:  # every tensor is checked before any is copied, and before out_dir is touched
-        load_pretrained(model, config)
+        load_pretrained(model, tensors, config)
         options = pretrained_options(config.init_from).items()  # what --resume=true will need to be told again
         print(f"loaded {config.init_from}: " + " ".join(f"--{k}={v}" for k, v in options if k != "vocab_size"))
     if config.steps == 0:  # only sample from the published model: nothing is written

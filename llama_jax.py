@@ -355,11 +355,11 @@ def read_tokens(path):
     else:
         tokens = read_file(path, lambda f: np.frombuffer(f.read(), dtype=np.uint8), "a readable file")
         token_bytes = [bytes([i]) for i in range(256)]
-    # embedding lookups would fail or read garbage; a token without bytes would decode to nothing
-    if not (len(tokens) and 0 <= tokens.min() <= tokens.max() < len(token_bytes)
-            and all(token_bytes[t] for t in np.unique(tokens))):
+    if not (len(tokens) and 0 <= tokens.min() <= tokens.max() < len(token_bytes)):  # embedding lookups would fail
         fail(f"{path} is empty or holds token ids outside its vocabulary of {len(token_bytes)}; tokenize again with "
              f"bpe.py")
+    if not all(token_bytes[t] for t in np.unique(tokens)):  # it would decode to nothing and count no bytes
+        fail(f"{path} holds a token that has no bytes in its vocabulary; tokenize again with bpe.py")
     return tokens, token_bytes
 
 
@@ -497,8 +497,9 @@ def rope_options(hf, path):
         alpha, beta, alpha_default, beta_default = ramp[rope_type]
         options |= {"rope_type": rope_type, "rope_scaling": rope.pop("factor", None),
                     "yarn_alpha": rope.pop(alpha, None) or alpha_default, "yarn_beta": rope.pop(beta, None) or beta_default}
-        rope.pop("truncate", None) if rope.get("truncate") is True else None  # rounding the ramp's ends: as here
-        rope = {key: value for key, value in rope.items() if not (key == "attention_factor" and value is None)}
+        for key, value in (("truncate", True), ("attention_factor", None)):  # the defaults: rope_frequencies
+            if key in rope and rope[key] is value:
+                del rope[key]
     if rope:  # mscale, attention_factor, truncate=false, ...: another stretch than the one written above
         fail(f"{path}: rope option {next(iter(rope))}={rope[next(iter(rope))]!r} is not implemented here")
     return options
@@ -515,8 +516,10 @@ def pretrained_options(folder):
         kind = hf.get("model_type") if isinstance(hf, dict) else None
         fail(f"{path} describes a {kind!r} model; {SCRIPT} loads {', '.join(HF_MODEL_TYPES)}; use another script")
     for key, value in HF_FIXED.items():
-        if hf.get(key, value) not in (value, None if key == "partial_rotary_factor" else value):
+        if hf.get(key) not in (None, value):  # None: absent, Hugging Face's default
             fail(f"{path}: {key}={hf[key]!r} is not implemented here (only {value!r})")
+    if any(kind != "full_attention" for kind in hf.get("layer_types") or []):  # sliding-window layers
+        fail(f"{path}: layer_types {hf['layer_types']} is not implemented here (only full_attention)")
     options = {field: hf[key] for key, field in HF_OPTIONS.items() if hf.get(key) is not None}
     options |= {"qk_norm": hf["model_type"] == "qwen3", **rope_options(hf, path)}
     options.setdefault("num_kv_heads", options.get("num_heads"))  # absent before grouped-query attention
@@ -582,11 +585,10 @@ def hf_name(name):
     return f"model.layers.{block[1]}.{HF_BLOCK_NAMES[block[2]]}.{leaf}" if block else f"{HF_NAMES[module]}.{leaf}"
 
 
-def load_pretrained(model, config):
-    """Copy --init_from's weights into the model, once every parameter has its tensor with the right shape and the
-    checkpoint has no tensor left over (each refusal names the tensor). flax keeps a Linear's kernel as (in, out),
+def load_pretrained(model, tensors, config):
+    """Copy --init_from's tensors into the model, once every parameter has its tensor with the right shape
+    and the checkpoint has no tensor left over (each refusal names the tensor). flax keeps a Linear's kernel as (in, out),
     Hugging Face (as torch) its weight as (out, in): the copy transposes it."""
-    tensors = read_pretrained(config.init_from)
     params = {}  # {Hugging Face name: (the parameter, transposed?)}
     for path, _ in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param))):
         *names, leaf = (str(key.key) for key in path)  # blocks, 3, attn, query, kernel
@@ -713,6 +715,8 @@ def model_checks(config):
         (config.rope_scaling >= 1, f"--rope_scaling={config.rope_scaling} must be >= 1 (1 = plain RoPE)"),
         (config.rope_type in ROPE_TYPES and config.original_len >= 0,
          f"--rope_type must be one of {', '.join(ROPE_TYPES)} and --original_len >= 0 (0 = seq_len)"),
+        (config.seq_len <= max_len, f"--seq_len={config.seq_len} is longer than the {int(max_len)} positions RoPE "
+         f"serves (rope_scaling * original_len); pass a smaller --seq_len"),
         (0 <= config.yarn_alpha < config.yarn_beta,
          f"--yarn_alpha={config.yarn_alpha} and --yarn_beta={config.yarn_beta} need 0 <= alpha < beta"),
         (8 * head_dim * (max_len + cache_len * config.num_layers * config.num_kv_heads) < MEMORY,
@@ -802,7 +806,7 @@ def check_memory(config):
     weights = config.vocab_size * config.model_dim + 2 * config.num_layers * config.model_dim**2
     tokens = config.batch_size * config.seq_len
     scores = tokens * config.num_heads * config.seq_len
-    needed = 16 * weights + 4 * tokens * (2 * config.vocab_size + 4 * config.num_layers * config.model_dim + scores)
+    needed = 16 * weights + 4 * (tokens * (2 * config.vocab_size + 4 * config.num_layers * config.model_dim) + scores)
     if needed >= MEMORY:
         fail(f"training this model needs at least {needed / 2**30:.1f} GiB of memory, this machine has "
              f"{MEMORY / 2**30:.1f}; use a smaller --batch_size, --seq_len, --model_dim or --num_layers")
@@ -923,12 +927,14 @@ def main(argv=None):
              f"{config.vocab_size}; tokenize it with the model's: python bpe.py --tokenizer={config.init_from} "
              f"--data=FILE")
     config.vocab_size = len(token_bytes)
-    check_memory(config)  # now that vocab_size is known
+    if config.steps:  # --steps=0 only samples
+        check_memory(config)  # now that vocab_size is known
     prompt = read_prompt(config, val_tokens, token_bytes)
+    tensors = read_pretrained(config.init_from) if config.init_from else None  # memory-mapped
     init_key, sample_key = jax.random.split(jax.random.key(config.seed))
     model = Llama(config, nnx.Rngs(init_key))
     if config.init_from:  # every tensor is checked before any is copied, and before out_dir is touched
-        load_pretrained(model, config)
+        load_pretrained(model, tensors, config)
         options = pretrained_options(config.init_from).items()  # what --resume=true will need to be told again
         print(f"loaded {config.init_from}: " + " ".join(f"--{k}={v}" for k, v in options if k != "vocab_size"))
     if config.steps == 0:  # only sample from the published model: nothing is written

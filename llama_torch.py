@@ -345,11 +345,11 @@ def read_tokens(path):
     else:
         tokens = read_file(path, lambda f: np.frombuffer(f.read(), dtype=np.uint8), "a readable file")
         token_bytes = [bytes([i]) for i in range(256)]
-    # embedding lookups would fail or read garbage; a token without bytes would decode to nothing
-    if not (len(tokens) and 0 <= tokens.min() <= tokens.max() < len(token_bytes)
-            and all(token_bytes[t] for t in np.unique(tokens))):
+    if not (len(tokens) and 0 <= tokens.min() <= tokens.max() < len(token_bytes)):  # embedding lookups would fail
         fail(f"{path} is empty or holds token ids outside its vocabulary of {len(token_bytes)}; tokenize again with "
              f"bpe.py")
+    if not all(token_bytes[t] for t in np.unique(tokens)):  # it would decode to nothing and count no bytes
+        fail(f"{path} holds a token that has no bytes in its vocabulary; tokenize again with bpe.py")
     return tokens, token_bytes
 
 
@@ -591,11 +591,10 @@ def hf_name(name):
 
 
 @torch.no_grad()
-def load_pretrained(model, config):
-    """Copy --init_from's weights into the model, once every parameter has its tensor with the right shape and the
-    checkpoint has no tensor left over (each refusal names the tensor). The layouts are the same: torch's and Hugging
+def load_pretrained(model, tensors, config):
+    """Copy --init_from's tensors into the model, once every parameter has its tensor with the right shape
+    and the checkpoint has no tensor left over (each refusal names the tensor). The layouts are the same: torch's and Hugging
     Face's Linear are both (out, in)."""
-    tensors = read_pretrained(config.init_from)
     params = {hf_name(name): param for name, param in model.named_parameters()}
     if config.tie_embeddings and "lm_head.weight" in tensors:  # a tied head saved anyway: the embedding, again
         tied = np.array_equal(tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight"))
@@ -710,6 +709,8 @@ def model_checks(config):
         (config.rope_scaling >= 1, f"--rope_scaling={config.rope_scaling} must be >= 1 (1 = plain RoPE)"),
         (config.rope_type in ROPE_TYPES and config.original_len >= 0,
          f"--rope_type must be one of {', '.join(ROPE_TYPES)} and --original_len >= 0 (0 = seq_len)"),
+        (config.seq_len <= max_len, f"--seq_len={config.seq_len} is longer than the {int(max_len)} positions RoPE "
+         f"serves (rope_scaling * original_len); pass a smaller --seq_len"),
         (0 <= config.yarn_alpha < config.yarn_beta,
          f"--yarn_alpha={config.yarn_alpha} and --yarn_beta={config.yarn_beta} need 0 <= alpha < beta"),
         (8 * head_dim * (max_len + cache_len * config.num_layers * config.num_kv_heads) < MEMORY,
@@ -799,7 +800,7 @@ def check_memory(config):
     weights = config.vocab_size * config.model_dim + 2 * config.num_layers * config.model_dim**2
     tokens = config.batch_size * config.seq_len
     scores = tokens * config.num_heads * config.seq_len
-    needed = 16 * weights + 4 * tokens * (2 * config.vocab_size + 4 * config.num_layers * config.model_dim + scores)
+    needed = 16 * weights + 4 * (tokens * (2 * config.vocab_size + 4 * config.num_layers * config.model_dim) + scores)
     if needed >= MEMORY:
         fail(f"training this model needs at least {needed / 2**30:.1f} GiB of memory, this machine has "
              f"{MEMORY / 2**30:.1f}; use a smaller --batch_size, --seq_len, --model_dim or --num_layers")
@@ -920,12 +921,14 @@ def main(argv=None):
              f"{config.vocab_size}; tokenize it with the model's: python bpe.py --tokenizer={config.init_from} "
              f"--data=FILE")
     config.vocab_size = len(token_bytes)
-    check_memory(config)  # now that vocab_size is known
+    if config.steps:  # --steps=0 only samples
+        check_memory(config)  # now that vocab_size is known
     prompt = read_prompt(config, val_tokens, token_bytes)
+    tensors = read_pretrained(config.init_from) if config.init_from else None  # memory-mapped
     torch.manual_seed(config.seed)
     model = Llama(config)
     if config.init_from:  # every tensor is checked before any is copied, and before out_dir is touched
-        load_pretrained(model, config)
+        load_pretrained(model, tensors, config)
         options = pretrained_options(config.init_from).items()  # what --resume=true will need to be told again
         print(f"loaded {config.init_from}: " + " ".join(f"--{k}={v}" for k, v in options if k != "vocab_size"))
     if config.steps == 0:  # only sample from the published model: nothing is written

@@ -336,11 +336,11 @@ def read_tokens(path):
     else:
         tokens = read_file(path, lambda f: np.frombuffer(f.read(), dtype=np.uint8), "a readable file")
         token_bytes = [bytes([i]) for i in range(256)]
-    # embedding lookups would fail or read garbage; a token without bytes would decode to nothing
-    if not (len(tokens) and 0 <= tokens.min() <= tokens.max() < len(token_bytes)
-            and all(token_bytes[t] for t in np.unique(tokens))):
+    if not (len(tokens) and 0 <= tokens.min() <= tokens.max() < len(token_bytes)):  # embedding lookups would fail
         fail(f"{path} is empty or holds token ids outside its vocabulary of {len(token_bytes)}; tokenize again with "
              f"bpe.py")
+    if not all(token_bytes[t] for t in np.unique(tokens)):  # it would decode to nothing and count no bytes
+        fail(f"{path} holds a token that has no bytes in its vocabulary; tokenize again with bpe.py")
     return tokens, token_bytes
 
 
@@ -544,11 +544,10 @@ def hf_name(name):
     return f"backbone.layers.{block[1]}.{block[2]}.{leaf}" if block else f"{HF_NAMES[module]}.{leaf}"
 
 
-def load_pretrained(model, config):
-    """Copy --init_from's weights into the model, once every parameter has its tensor with the right shape and the
-    checkpoint has no tensor left over (each refusal names the tensor). flax keeps a Linear's kernel as (in, out),
+def load_pretrained(model, tensors, config):
+    """Copy --init_from's tensors into the model, once every parameter has its tensor with the right shape
+    and the checkpoint has no tensor left over (each refusal names the tensor). flax keeps a Linear's kernel as (in, out),
     Hugging Face (as torch) its weight as (out, in): the copy transposes it."""
-    tensors = read_pretrained(config.init_from)
     params = {}  # {Hugging Face name: (the parameter, transposed?)}
     for path, _ in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param))):
         *names, leaf = (str(key.key) for key in path)  # blocks, 3, mixer, in_proj, kernel
@@ -880,12 +879,14 @@ def main(argv=None):
              f"{config.vocab_size}; tokenize it with the model's: python bpe.py --tokenizer={config.init_from} "
              f"--data=FILE")
     config.vocab_size = len(token_bytes)
-    check_memory(config)  # now that vocab_size is known
+    if config.steps:  # --steps=0 only samples
+        check_memory(config)  # now that vocab_size is known
     prompt = read_prompt(config, val_tokens, token_bytes)
+    tensors = read_pretrained(config.init_from) if config.init_from else None  # memory-mapped
     init_key, sample_key = jax.random.split(jax.random.key(config.seed))
     model = Mamba(config, nnx.Rngs(init_key))
     if config.init_from:  # every tensor is checked before any is copied, and before out_dir is touched
-        load_pretrained(model, config)
+        load_pretrained(model, tensors, config)
         options = pretrained_options(config.init_from).items()  # what --resume=true will need to be told again
         print(f"loaded {config.init_from}: " + " ".join(f"--{k}={v}" for k, v in options if k != "vocab_size"))
     if config.steps == 0:  # only sample from the published model: nothing is written

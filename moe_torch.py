@@ -104,8 +104,8 @@ class Config:
 # the options that fix the weights' meaning; rope_scaling and the YaRN ramp may change on --resume, which is
 # YaRN's use, and so may the balancing options (the expert biases are saved either way)
 MODEL_FIELDS = ("vocab_size", "seq_len", "num_layers", "num_heads", "num_kv_heads", "model_dim", "head_dim",
-                "num_experts", "experts_per_token", "num_shared_experts", "expert_ffn_dim", "normalize_top_k", "norm_eps",
-                "rope_theta", "qk_norm", "attention_bias", "tie_embeddings")
+                "num_experts", "experts_per_token", "num_shared_experts", "expert_ffn_dim", "normalize_top_k",
+                "norm_eps", "rope_theta", "qk_norm", "attention_bias", "tie_embeddings")
 ROPE_TYPES = ("yarn", "llama3")
 CHECKPOINT = "ckpt.pt"  # the file in out_dir
 
@@ -363,8 +363,7 @@ class MoE(nn.Module):
         self.num_kv_heads, self.head_dim = config.num_kv_heads, config.head_dim or config.model_dim // config.num_heads
         self.max_len = int(config.rope_scaling * (config.original_len or config.seq_len))  # the longest context RoPE serves
         self.token_embedding = nn.Embedding(config.vocab_size, config.model_dim)
-        # training windows may run past max_len (a published model's original_len below --seq_len): RoPE extrapolates
-        cos, sin = rope_tables(config, max(self.max_len, config.seq_len))  # 2 x (positions, head_dim)
+        cos, sin = rope_tables(config, self.max_len)  # 2 x (max_len, head_dim)
         self.register_buffer("cos", torch.from_numpy(cos), persistent=False)  # fixed: no gradient, not saved
         self.register_buffer("sin", torch.from_numpy(sin), persistent=False)
         self.register_buffer("expert_bias", torch.zeros(config.num_layers, config.num_experts))  # saved
@@ -372,13 +371,12 @@ class MoE(nn.Module):
         self.final_norm = RMSNorm(config.model_dim, config.norm_eps)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.model_dim, config.vocab_size, bias=False)
         # N(0, 0.02) weights; the projections that write into the residual stream get std / sqrt(2 * num_layers),
-        # so the stream's variance does not grow with depth (GPT-2); RMSNorm weights start at 1, biases at 0;
-        # Experts: the same
+        # so the stream's variance does not grow with depth (GPT-2); RMSNorm weights start at 1; Experts: the same
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 std = residual_std(config) if name.endswith(("out_proj", "down")) else 0.02
                 nn.init.normal_(module.weight, 0.0, std)
-            if isinstance(module, nn.Linear) and module.bias is not None:  # attention_bias
+            if isinstance(module, nn.Linear) and module.bias is not None:  # attention_bias: 0, as flax's default
                 nn.init.zeros_(module.bias)
 
     def forward(self, tokens, targets=None, cache=None, position=0):
@@ -453,11 +451,11 @@ def read_tokens(path):
     else:
         tokens = read_file(path, lambda f: np.frombuffer(f.read(), dtype=np.uint8), "a readable file")
         token_bytes = [bytes([i]) for i in range(256)]
-    # embedding lookups would fail or read garbage; a token without bytes would decode to nothing
-    if not (len(tokens) and 0 <= tokens.min() <= tokens.max() < len(token_bytes)
-            and all(token_bytes[t] for t in np.unique(tokens))):
+    if not (len(tokens) and 0 <= tokens.min() <= tokens.max() < len(token_bytes)):  # embedding lookups would fail
         fail(f"{path} is empty or holds token ids outside its vocabulary of {len(token_bytes)}; tokenize again with "
              f"bpe.py")
+    if not all(token_bytes[t] for t in np.unique(tokens)):  # it would decode to nothing and count no bytes
+        fail(f"{path} holds a token that has no bytes in its vocabulary; tokenize again with bpe.py")
     return tokens, token_bytes
 
 
@@ -611,14 +609,14 @@ HF_EXPERT_OPTIONS = {"mixtral": {"num_local_experts": "num_experts", "intermedia
 # window); the rest of config.json (token ids, dtype, versions, init ranges, router_aux_loss_coef: a training
 # option, see --aux_loss_weight) does not, and is not read
 HF_FIXED = {"hidden_act": "silu", "router_jitter_noise": 0.0, "decoder_sparse_step": 1, "mlp_only_layers": [],
-            "use_sliding_window": False, "partial_rotary_factor": 1.0}
+            "use_sliding_window": False}
 # the checkpoint's name of each module: blocks.3.attn.query.weight <-> model.layers.3.self_attn.q_proj.weight
 HF_NAMES = {"token_embedding": "model.embed_tokens", "final_norm": "model.norm", "lm_head": "lm_head"}
 HF_BLOCK_NAMES = {"attn_norm": "input_layernorm", "attn.query": "self_attn.q_proj", "attn.key": "self_attn.k_proj",
                   "attn.value": "self_attn.v_proj", "attn.out_proj": "self_attn.o_proj",
                   "ffn_norm": "post_attention_layernorm"}
-# and of the mixture of experts, which differ: one row per kind of expert matrix, which names every expert's (see
-# stack_experts); Qwen2-MoE's shared expert is one SwiGLU, as here
+# and of the mixture of experts, Mixtral's and Qwen2-MoE's: a row per kind of expert matrix stands for every
+# expert's, stacked by stack_experts; Qwen2-MoE's shared expert is one SwiGLU, as SparseMoE's shared experts
 HF_MOE_NAMES = {
     "mixtral": {"moe.router": "block_sparse_moe.gate", "moe.experts.gate": "block_sparse_moe.experts.w1",
                 "moe.experts.up": "block_sparse_moe.experts.w3", "moe.experts.down": "block_sparse_moe.experts.w2"},
@@ -738,28 +736,27 @@ def to_float32(array):
 
 
 def stack_experts(tensors, folder):
-    """Hugging Face saves each expert's matrices apart, (out, in) as its Linear layers hold them:
-    mlp.experts.0.up_proj.weight, mlp.experts.1.up_proj.weight, ...; Experts holds each kind as one (num_experts, in,
-    out) array. Returns tensors with every layer's experts of each kind stacked so, transposed, under their name
-    without the expert's number: mlp.experts.up_proj.weight."""
+    """tensors with each layer's experts stacked as Experts holds them. Hugging Face saves every expert's matrices
+    apart, (out, in) as its Linear layers hold them: mlp.experts.0.up_proj.weight, mlp.experts.1.up_proj.weight, ...;
+    Experts holds each kind as one (num_experts, in, out) array, named here without the expert's number:
+    mlp.experts.up_proj.weight."""
     experts = {}  # {name without the expert's number: {expert: (out, in) array}}
     for name in list(tensors):
-        if match := re.fullmatch(r"(.+\.experts)\.(\d+)\.(.+)", name):  # prefix, expert, kind
+        if match := re.fullmatch(r"(.+\.experts)\.(\d+)\.(.+)", name):  # before, expert, after
             experts.setdefault(f"{match[1]}.{match[3]}", {})[int(match[2])] = tensors.pop(name)
     for name, arrays in experts.items():
         for expert in range(len(arrays)):  # experts 0, 1, ..., all of one shape
-            if expert not in arrays or arrays[expert].shape != arrays[min(arrays)].shape:
-                fail(f"{folder} lacks tensor {name.replace('.experts.', f'.experts.{expert}.')} or has it in "
-                     f"another shape than the other experts'; it is not a checkpoint of the model its config.json "
-                     f"describes")
+            if expert not in arrays or arrays[expert].shape != arrays[0].shape:
+                fail(f"{folder} lacks tensor {name.replace('.experts.', f'.experts.{expert}.')}, or it differs in "
+                     f"shape from expert 0's; it is not a checkpoint of the model its config.json describes")
         tensors[name] = np.stack([arrays[expert].T for expert in range(len(arrays))])  # (num_experts, in, out)
     return tensors
 
 
 def hf_name(name, model_type):
-    """A parameter's name in the Hugging Face checkpoint: blocks.3.attn.query.weight ->
-    model.layers.3.self_attn.q_proj.weight; blocks.3.moe.experts.up, every expert's -> model.layers.3.mlp.experts.up_proj.weight,
-    the name stack_experts gives them."""
+    """A parameter's name in model_type's Hugging Face checkpoint: blocks.3.attn.query.weight ->
+    model.layers.3.self_attn.q_proj.weight; an Experts matrix, blocks.3.moe.experts.up ->
+    model.layers.3.mlp.experts.up_proj.weight, as stack_experts names every expert's stacked."""
     module, leaf = (name, "weight") if ".experts." in name else name.rsplit(".", 1)  # Experts: no Linear layers
     block = re.fullmatch(r"blocks\.(\d+)\.(.+)", module)
     names = HF_BLOCK_NAMES | HF_MOE_NAMES[model_type]
@@ -767,12 +764,12 @@ def hf_name(name, model_type):
 
 
 @torch.no_grad()
-def load_pretrained(model, config):
-    """Copy --init_from's weights into the model, once every parameter has its tensor with the right shape and the
-    checkpoint has no tensor left over (each refusal names the tensor). The layouts are the same: torch's and Hugging
+def load_pretrained(model, tensors, config):
+    """Copy --init_from's tensors into the model, once every parameter has its tensor with the right shape
+    and the checkpoint has no tensor left over (each refusal names the tensor). The layouts are the same: torch's and Hugging
     Face's Linear are both (out, in); Experts' (in, out) matrices get each expert's, stacked and transposed."""
-    tensors = stack_experts(read_pretrained(config.init_from), config.init_from)
-    model_type = read_file(os.path.join(config.init_from, "config.json"), json.load, "a JSON model config")["model_type"]
+    tensors = stack_experts(tensors, config.init_from)
+    model_type = read_file(os.path.join(config.init_from, "config.json"), json.load, "a JSON config")["model_type"]
     params = {hf_name(name, model_type): param for name, param in model.named_parameters()}
     if config.tie_embeddings and "lm_head.weight" in tensors:  # a tied head saved anyway: the embedding, again
         tied = np.array_equal(tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight"))
@@ -895,6 +892,8 @@ def model_checks(config):
         (config.rope_scaling >= 1, f"--rope_scaling={config.rope_scaling} must be >= 1 (1 = plain RoPE)"),
         (config.rope_type in ROPE_TYPES and config.original_len >= 0,
          f"--rope_type must be one of {', '.join(ROPE_TYPES)} and --original_len >= 0 (0 = seq_len)"),
+        (config.seq_len <= max_len, f"--seq_len={config.seq_len} is longer than the {int(max_len)} positions RoPE "
+         f"serves (rope_scaling * original_len); pass a smaller --seq_len"),
         (0 <= config.yarn_alpha < config.yarn_beta,
          f"--yarn_alpha={config.yarn_alpha} and --yarn_beta={config.yarn_beta} need 0 <= alpha < beta"),
         (8 * head_dim * (max_len + cache_len * config.num_layers * config.num_kv_heads) < MEMORY,
@@ -984,7 +983,7 @@ def check_memory(config):
     weights = config.vocab_size * config.model_dim + 2 * config.num_layers * config.model_dim**2
     tokens = config.batch_size * config.seq_len
     scores = tokens * config.num_heads * config.seq_len
-    needed = 16 * weights + 4 * tokens * (2 * config.vocab_size + 4 * config.num_layers * config.model_dim + scores)
+    needed = 16 * weights + 4 * (tokens * (2 * config.vocab_size + 4 * config.num_layers * config.model_dim) + scores)
     if needed >= MEMORY:
         fail(f"training this model needs at least {needed / 2**30:.1f} GiB of memory, this machine has "
              f"{MEMORY / 2**30:.1f}; use a smaller --batch_size, --seq_len, --model_dim or --num_layers")
@@ -1105,12 +1104,14 @@ def main(argv=None):
              f"{config.vocab_size}; tokenize it with the model's: python bpe.py --tokenizer={config.init_from} "
              f"--data=FILE")
     config.vocab_size = len(token_bytes)
-    check_memory(config)  # now that vocab_size is known
+    if config.steps:  # --steps=0 only samples
+        check_memory(config)  # now that vocab_size is known
     prompt = read_prompt(config, val_tokens, token_bytes)
+    tensors = read_pretrained(config.init_from) if config.init_from else None  # memory-mapped
     torch.manual_seed(config.seed)
     model = MoE(config)
     if config.init_from:  # every tensor is checked before any is copied, and before out_dir is touched
-        load_pretrained(model, config)
+        load_pretrained(model, tensors, config)
         options = pretrained_options(config.init_from).items()  # what --resume=true will need to be told again
         print(f"loaded {config.init_from}: " + " ".join(f"--{k}={v}" for k, v in options if k != "vocab_size"))
     if config.steps == 0:  # only sample from the published model: nothing is written

@@ -2505,7 +2505,8 @@ def test_skeleton_refuses_malformed_data_files():
             (token_file("badjson", vocab="{"), "badjson.bpe9.json is not the vocabulary"),
             (token_file("nolist", vocab="{}"), "nolist.bpe9.json is not the vocabulary"),
             (token_file("badhex", vocab='{"token_bytes": ["zz"]}'), "badhex.bpe9.json is not the vocabulary"),
-            (token_file("empty", vocab='{"token_bytes": [""]}'), "non-empty"),
+            (token_file("empty", vocab=json.dumps({"token_bytes": ["" if i == ids[0] else bytes([i]).hex()
+                                                                  for i in range(256)]})), "no bytes"),
             (token_file("high", np.append(ids, 256)), "outside its vocabulary of 256"),
             (token_file("negative", np.append(ids.astype(np.int32), -1)), "outside its vocabulary"),
             (token_file("floor", floor="{"), "floor.floor.json is not a floor file"),
@@ -2679,10 +2680,11 @@ def copy_fixture(name, folder, tensors=None, **config_changes):
 
 def load_published(module, folder, *args):
     """module's model with folder's weights, as main() builds it; returns (model, config)."""
-    config = module.parse_config([f"--init_from={folder}", f"--data={STORIES}", *args])
+    seq_len = [] if module.__name__.startswith("gpt") else ["--seq_len=16"]  # gpt's is the checkpoint's position table
+    config = module.parse_config([f"--init_from={folder}", f"--data={STORIES}", *seq_len, *args])
     model = MODEL_CLASSES[module](config) if module.__name__.endswith("torch") else MODEL_CLASSES[module](
         config, nnx.Rngs(0))
-    module.load_pretrained(model, config)
+    module.load_pretrained(model, module.read_pretrained(folder), config)
     return model, config
 
 
@@ -2690,7 +2692,7 @@ def published_logits(module, model, tokens):
     if module.__name__.endswith("torch"):
         with torch.no_grad():
             return model(torch.from_numpy(tokens))[0].numpy()
-    return np.asarray(model(jnp.asarray(tokens))[0])
+    return np.asarray(jax_forward(model, jnp.asarray(tokens), jnp.asarray(tokens))[0])
 
 
 def assert_loads_published(family):
@@ -2780,7 +2782,7 @@ def test_skeleton_init_from_refuses_bad_folders():
                 return path
             header = lambda entries: (lambda text: len(text).to_bytes(8, "little") + text)(json.dumps(entries).encode())
             entry = lambda kind, begin, end: {"dtype": kind, "shape": [(end - begin) // 4], "data_offsets": [begin, end]}
-            whole = open(f"{FIXTURES}/{name}/model.safetensors", "rb").read()
+            whole = open(f"{folder('whole')}/model.safetensors", "rb").read()  # the fixture in one file
             other = "mamba" if family != "mamba" else "gpt2"
             key, value = UNSUPPORTED_KEYS[family]
             cases = [
@@ -2805,8 +2807,9 @@ def test_skeleton_init_from_refuses_bad_folders():
             os.remove(f"{folder('no_weights')}/model.safetensors")
             cases.append((f"{base}/no_weights", [], "model.safetensors"))
             for init_from, args, word in cases:
+                seq_len = [] if family == "gpt" else ["--seq_len=16"]  # within the fixtures' RoPE (gpt: its table)
                 assert_refused(module, [f"--init_from={init_from}", f"--data={data}", f"--out_dir={tmp}/out",
-                                        "--steps=0", *args], word, tmp)
+                                        "--steps=0", *seq_len, *args], word, tmp)
             assert not os.path.exists(f"{tmp}/out")
 
 
