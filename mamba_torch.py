@@ -910,18 +910,18 @@ def main(argv=None):
     if config.steps:  # --steps=0 only samples
         check_memory(config)  # now that vocab_size is known
     prompt = read_prompt(config, val_tokens, token_bytes)
-    tensors = read_pretrained(config.init_from) if config.init_from else None  # memory-mapped
-    torch.manual_seed(config.seed)
-    model = Mamba(config)
-    if config.init_from:  # every tensor is checked before any is copied, and before out_dir is touched
-        load_pretrained(model, tensors, config)
-        options = pretrained_options(config.init_from).items()  # what --resume=true will need to be told again
-        print(f"loaded {config.init_from}: " + " ".join(f"--{k}={v}" for k, v in options if k != "vocab_size"))
-    if config.steps == 0:  # only sample from the published model: nothing is written
-        quit_on_signal("while sampling")
-        return sample(model, prompt, token_bytes, config)
-    with locked_out_dir(config):  # until main ends
-        checkpoint = open_checkpoint(config)
+    tensors = read_pretrained(config.init_from) if config.init_from else None  # memory-mapped: read when copied
+    with locked_out_dir(config) if config.steps else contextlib.nullcontext():  # --steps=0 writes nothing
+        checkpoint = open_checkpoint(config) if config.steps else None
+        torch.manual_seed(config.seed)
+        model = Mamba(config)
+        if config.init_from:  # every tensor is checked before any is copied
+            load_pretrained(model, tensors, config)
+            options = pretrained_options(config.init_from).items()  # what --resume=true will need to be told again
+            print(f"loaded {config.init_from}: " + " ".join(f"--{k}={v}" for k, v in options if k != "vocab_size"))
+        if config.steps == 0:  # only sample from the published model
+            quit_on_signal("while sampling")
+            return sample(model, prompt, token_bytes, config)
         optimizer = make_optimizer(model, config)
         data_rng = np.random.default_rng(config.seed)
         start_step = 0

@@ -2809,7 +2809,7 @@ def test_skeleton_init_from_refuses_bad_folders():
             for init_from, args, word in cases:
                 seq_len = [] if family == "gpt" else ["--seq_len=16"]  # within the fixtures' RoPE (gpt: its table)
                 assert_refused(module, [f"--init_from={init_from}", f"--data={data}", f"--out_dir={tmp}/out",
-                                        "--steps=0", *seq_len, *args], word, tmp)
+                                        "--steps=0", *seq_len, *args], word, base)
             assert not os.path.exists(f"{tmp}/out")
 
 
@@ -2826,15 +2826,13 @@ def test_llama_init_from_samples_and_fine_tunes():
             assert "loaded" in out and "--rope_type=llama3" in out
             assert out.split("sample:\n")[1].startswith("Once upon a time"), out
             assert not os.path.exists(f"{tmp}/none")
-        args = [f"--init_from={folder}", f"--data={STORIES}", "--steps=12", "--warmup_steps=0", "--log_interval=1",
-                "--eval_interval=12", "--eval_steps=1", "--sample_tokens=0", "--batch_size=4", "--seq_len=32"]
-        runs = run_scripts(*[(script, *args, f"--out_dir={tmp}/{script}") for script in ("llama_torch.py",
-                                                                                        "llama_jax.py")])
-        for script, result in zip(("llama_torch.py", "llama_jax.py"), runs):
-            assert result.returncode == 0, result.stderr
-            losses = parse_losses(result.stdout)
-            assert len(losses) == 12 and np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.3, (script, losses)
-            assert os.path.exists(f"{tmp}/{script}/ckpt." + ("pt" if "torch" in script else "npz"))
+        for module in (llama_torch, llama_jax):
+            out = run_main(module, [f"--init_from={folder}", f"--data={STORIES}", "--steps=12", "--warmup_steps=0",
+                                    "--log_interval=1", "--eval_interval=12", "--eval_steps=1", "--sample_tokens=0",
+                                    "--batch_size=4", "--seq_len=32", f"--out_dir={tmp}/{module.__name__}"])
+            losses = parse_losses(out)
+            assert len(losses) == 12 and np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.3, (module.__name__, losses)
+            assert os.path.exists(f"{tmp}/{module.__name__}/{module.CHECKPOINT}")
 
 
 # -----------------------------------------------------------------------------
