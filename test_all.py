@@ -2758,16 +2758,16 @@ UNSUPPORTED_KEYS = {"gpt": ("activation_function", "relu"), "llama": ("hidden_ac
                     "moe": ("hidden_act", "gelu"), "mamba": ("use_bias", True)}
 
 
-def test_skeleton_init_from_refuses_bad_folders():
-    # Each script refuses, with one line and exit status 2, writing nothing: a folder without config.json or without
-    # weights, a damaged safetensors file (header length past the end, offsets outside the data, overlapping tensors,
-    # an unknown dtype, a truncated file), a missing, unexpected or wrongly shaped tensor, a config key it does not
-    # implement, another family's model, data of another vocabulary, an option that contradicts config.json, and
-    # --init_from with --resume.
+def assert_init_from_refuses_bad_folders(family):
+    """Both scripts of the family refuse, with one line and exit status 2, writing nothing: a folder without
+    config.json or without weights, a damaged safetensors file (header length past the end, offsets outside the data,
+    overlapping tensors, an unknown dtype, a truncated file), a missing, unexpected or wrongly shaped tensor, a config
+    key the script does not implement, another family's model, data of another vocabulary, an option that
+    contradicts config.json, and --init_from with --resume. Run in the family's process, which builds the fixtures'
+    models for the other tests too."""
     with tempfile.TemporaryDirectory() as tmp:
         data = write_tiny_corpus(tmp)
-        for module in SKELETON:
-            family = module.__name__.split("_")[0]
+        for module in (globals()[f"{family}_torch"], globals()[f"{family}_jax"]):
             name = FAMILY_FIXTURES[family][0]
             tensors = fixture_tensors(name)
             first, last = sorted(tensors)[0], sorted(tensors)[-1]
@@ -2813,9 +2813,26 @@ def test_skeleton_init_from_refuses_bad_folders():
             assert not os.path.exists(f"{tmp}/out")
 
 
+def test_gpt_init_from_refuses_bad_folders():
+    assert_init_from_refuses_bad_folders("gpt")
+
+
+def test_llama_init_from_refuses_bad_folders():
+    assert_init_from_refuses_bad_folders("llama")
+
+
+def test_moe_init_from_refuses_bad_folders():
+    assert_init_from_refuses_bad_folders("moe")
+
+
+def test_mamba_init_from_refuses_bad_folders():
+    assert_init_from_refuses_bad_folders("mamba")
+
+
 def test_llama_init_from_samples_and_fine_tunes():
-    # As a user runs it: --steps=0 only samples, from --prompt's text, and writes nothing; a few fine-tuning steps
-    # lower the loss of the loaded model and save a checkpoint; both frameworks.
+    # As a user runs it: --steps=0 only samples, from --prompt's text, and writes nothing (both frameworks); a few
+    # fine-tuning steps lower the loss of the loaded model and save a checkpoint that --resume=true continues, given
+    # the options the run printed (torch: the jax twin's training steps equal torch's, tested above).
     with tempfile.TemporaryDirectory() as tmp:
         with open(f"{tmp}/prompt.txt", "w") as f:
             f.write("Once upon a time")
@@ -2826,13 +2843,13 @@ def test_llama_init_from_samples_and_fine_tunes():
             assert "loaded" in out and "--rope_type=llama3" in out
             assert out.split("sample:\n")[1].startswith("Once upon a time"), out
             assert not os.path.exists(f"{tmp}/none")
-        for module in (llama_torch, llama_jax):
-            out = run_main(module, [f"--init_from={folder}", f"--data={STORIES}", "--steps=12", "--warmup_steps=0",
-                                    "--log_interval=1", "--eval_interval=12", "--eval_steps=1", "--sample_tokens=0",
-                                    "--batch_size=4", "--seq_len=32", f"--out_dir={tmp}/{module.__name__}"])
-            losses = parse_losses(out)
-            assert len(losses) == 12 and np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.3, (module.__name__, losses)
-            assert os.path.exists(f"{tmp}/{module.__name__}/{module.CHECKPOINT}")
+        args = [f"--data={STORIES}", "--warmup_steps=0", "--log_interval=1", "--eval_interval=12", "--eval_steps=1",
+                "--sample_tokens=0", "--batch_size=4", "--seq_len=32", f"--out_dir={tmp}/out"]
+        out = run_main(llama_torch, [f"--init_from={folder}", "--steps=12", *args])
+        losses = parse_losses(out)
+        assert len(losses) == 12 and np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.3, losses
+        options = re.search(r"^loaded \S+: (.*)$", out, re.M)[1].split()
+        assert len(parse_losses(run_main(llama_torch, ["--resume=true", "--steps=14", *options, *args]))) == 2
 
 
 # -----------------------------------------------------------------------------
