@@ -9,6 +9,8 @@ penalty on the attention scores ("Train Short, Test Long", Press et al. 2021).
     python gpt_torch.py                                  # train on data/stories.txt, then sample
     python gpt_torch.py --position_embedding=alibi --steps=500
     python gpt_torch.py --resume=true --steps=4000       # continue the checkpoint in out/gpt_torch
+    python bpe.py --tokenizer=gpt2 --data=data/stories.txt   # a downloaded Hugging Face folder: README
+    python gpt_torch.py --init_from=gpt2 --data=data/stories.txt.gpt2.npy  # fine-tune it
 
 diff me against gpt_jax.py: the same program in JAX, line by line.
 """
@@ -65,7 +67,7 @@ class Config:
     log_interval: int = 100  # print the training loss every this many steps
     out_dir: str = "out/gpt_torch"  # where the checkpoint lives
     resume: bool = False  # continue from the checkpoint in out_dir
-    init_from: str = ""  # a Hugging Face model folder (config.json, *.safetensors) to start from; sets the model options
+    init_from: str = ""  # a Hugging Face model folder (config.json, *.safetensors) to start from; sets model options
     sample_tokens: int = 300  # tokens to generate at the end
     temperature: float = 0.8  # sampling temperature (lower = more conservative)
     top_k: int = 40  # sample only among the top_k most likely tokens (0 = all)

@@ -16,6 +16,8 @@ RoPE pairing dimension i with i + head_dim/2 as Hugging Face does; see apply_rop
     python llama_torch.py                                 # train on data/stories.txt, then sample
     python llama_torch.py --num_kv_heads=1 --qk_norm=true # multi-query attention, normalized queries and keys
     python llama_torch.py --rope_scaling=2                # YaRN: sample up to 2 * seq_len tokens of context
+    python bpe.py --tokenizer=SmolLM2-135M --data=data/stories.txt   # a downloaded Hugging Face folder: README
+    python llama_torch.py --init_from=SmolLM2-135M --data=data/stories.txt.SmolLM2-135M.npy  # fine-tune it
 
 diff me against llama_jax.py: the same program in JAX, line by line.
 """
@@ -64,7 +66,7 @@ class Config:
     rope_scaling: float = 1.0  # factor s: the context may grow to s * original_len tokens (1 = plain RoPE)
     rope_type: str = "yarn"  # how rope_scaling stretches RoPE: yarn (YaRN) or llama3 (Llama 3.1's ramp)
     original_len: int = 0  # the context RoPE was trained at, which rope_scaling stretches; 0 = seq_len
-    yarn_alpha: float = 1.0  # ramp: pairs turning fewer than alpha times in original_len are interpolated (divided by s)
+    yarn_alpha: float = 1.0  # ramp: pairs turning fewer than alpha times in original_len are divided by s
     yarn_beta: float = 32.0  # ramp: pairs turning more than beta times in original_len are left unchanged
     qk_norm: bool = False  # RMSNorm on each head's queries and keys before RoPE (Qwen3, OLMo 2)
     tie_embeddings: bool = False  # read logits through the token embedding (GPT-2) instead of a separate lm_head
@@ -82,7 +84,7 @@ class Config:
     log_interval: int = 100  # print the training loss every this many steps
     out_dir: str = "out/llama_torch"  # where the checkpoint lives
     resume: bool = False  # continue from the checkpoint in out_dir
-    init_from: str = ""  # a Hugging Face model folder (config.json, *.safetensors) to start from; sets the model options
+    init_from: str = ""  # a Hugging Face model folder (config.json, *.safetensors) to start from; sets model options
     sample_tokens: int = 300  # tokens to generate; past rope_scaling * seq_len of context, the oldest half is cropped
     temperature: float = 0.8  # sampling temperature (lower = more conservative)
     top_k: int = 40  # sample only among the top_k most likely tokens (0 = all)
@@ -263,7 +265,7 @@ class Llama(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.num_kv_heads, self.head_dim = config.num_kv_heads, config.head_dim or config.model_dim // config.num_heads
-        self.max_len = int(config.rope_scaling * (config.original_len or config.seq_len))  # the longest context RoPE serves
+        self.max_len = int(config.rope_scaling * (config.original_len or config.seq_len))  # positions RoPE serves
         self.token_embedding = nn.Embedding(config.vocab_size, config.model_dim)
         cos, sin = rope_tables(config, self.max_len)  # 2 x (max_len, head_dim)
         self.register_buffer("cos", torch.from_numpy(cos), persistent=False)  # fixed: no gradient, not saved
@@ -501,7 +503,8 @@ def rope_options(hf, path):
     if rope_type != "default":
         alpha, beta, alpha_default, beta_default = ramp[rope_type]
         options |= {"rope_type": rope_type, "rope_scaling": rope.pop("factor", None),
-                    "yarn_alpha": rope.pop(alpha, None) or alpha_default, "yarn_beta": rope.pop(beta, None) or beta_default}
+                    "yarn_alpha": rope.pop(alpha, None) or alpha_default,
+                    "yarn_beta": rope.pop(beta, None) or beta_default}
         for key, value in (("truncate", True), ("attention_factor", None)):  # the defaults: rope_frequencies
             if key in rope and rope[key] is value:
                 del rope[key]
@@ -584,7 +587,8 @@ def to_float32(array):
 
 
 def hf_name(name):
-    """A parameter's name in the Hugging Face checkpoint: blocks.3.attn.query.weight -> model.layers.3.self_attn.q_proj.weight."""
+    """A parameter's name in the Hugging Face checkpoint: blocks.3.attn.query.weight ->
+    model.layers.3.self_attn.q_proj.weight."""
     module, leaf = name.rsplit(".", 1)
     block = re.fullmatch(r"blocks\.(\d+)\.(.+)", module)
     return f"model.layers.{block[1]}.{HF_BLOCK_NAMES[block[2]]}.{leaf}" if block else f"{HF_NAMES[module]}.{leaf}"
@@ -593,8 +597,8 @@ def hf_name(name):
 @torch.no_grad()
 def load_pretrained(model, tensors, config):
     """Copy --init_from's tensors into the model, once every parameter has its tensor with the right shape
-    and the checkpoint has no tensor left over (each refusal names the tensor). The layouts are the same: torch's and Hugging
-    Face's Linear are both (out, in)."""
+    and the checkpoint has no tensor left over (each refusal names the tensor). The layouts are the same: torch's and
+    Hugging Face's Linear are both (out, in)."""
     params = {hf_name(name): param for name, param in model.named_parameters()}
     if config.tie_embeddings and "lm_head.weight" in tensors:  # a tied head saved anyway: the embedding, again
         tied = np.array_equal(tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight"))

@@ -33,6 +33,8 @@ Glossary: the paper's symbols (section 3, Algorithm 2) and their names and shape
     python mamba_jax.py                        # train on data/stories.txt, then sample
     python mamba_jax.py --scan=sequential      # the plain loop over time: the same numbers, slower
     python mamba_jax.py --sample_tokens=5000   # sampling is not limited to seq_len: the state does not grow
+    python bpe.py --tokenizer=mamba-130m-hf --data=data/stories.txt   # a downloaded Hugging Face folder: README
+    python mamba_jax.py --init_from=mamba-130m-hf --data=data/stories.txt.mamba-130m-hf.npy  # fine-tune it
 
 diff me against mamba_torch.py: the same program in PyTorch, line by line.
 """
@@ -97,7 +99,7 @@ class Config:
     log_interval: int = 100  # print the training loss every this many steps
     out_dir: str = "out/mamba_jax"  # where the checkpoint lives
     resume: bool = False  # continue from the checkpoint in out_dir
-    init_from: str = ""  # a Hugging Face model folder (config.json, *.safetensors) to start from; sets the model options
+    init_from: str = ""  # a Hugging Face model folder (config.json, *.safetensors) to start from; sets model options
     sample_tokens: int = 300  # tokens to generate, any number: the recurrent state does not grow
     temperature: float = 0.8  # sampling temperature (lower = more conservative)
     top_k: int = 40  # sample only among the top_k most likely tokens (0 = all)
@@ -546,8 +548,8 @@ def hf_name(name):
 
 def load_pretrained(model, tensors, config):
     """Copy --init_from's tensors into the model, once every parameter has its tensor with the right shape
-    and the checkpoint has no tensor left over (each refusal names the tensor). flax keeps a Linear's kernel as (in, out),
-    Hugging Face (as torch) its weight as (out, in): the copy transposes it."""
+    and the checkpoint has no tensor left over (each refusal names the tensor). flax keeps a Linear's kernel as
+    (in, out), Hugging Face (as torch) its weight as (out, in): the copy transposes it."""
     params = {}  # {Hugging Face name: (the parameter, transposed?)}
     for path, _ in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param))):
         *names, leaf = (str(key.key) for key in path)  # blocks, 3, mixer, in_proj, kernel

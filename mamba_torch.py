@@ -33,6 +33,8 @@ Glossary: the paper's symbols (section 3, Algorithm 2) and their names and shape
     python mamba_torch.py                        # train on data/stories.txt, then sample
     python mamba_torch.py --scan=sequential      # the plain loop over time: the same numbers, slower
     python mamba_torch.py --sample_tokens=5000   # sampling is not limited to seq_len: the state does not grow
+    python bpe.py --tokenizer=mamba-130m-hf --data=data/stories.txt   # a downloaded Hugging Face folder: README
+    python mamba_torch.py --init_from=mamba-130m-hf --data=data/stories.txt.mamba-130m-hf.npy  # fine-tune it
 
 diff me against mamba_jax.py: the same program in JAX, line by line.
 """
@@ -93,7 +95,7 @@ class Config:
     log_interval: int = 100  # print the training loss every this many steps
     out_dir: str = "out/mamba_torch"  # where the checkpoint lives
     resume: bool = False  # continue from the checkpoint in out_dir
-    init_from: str = ""  # a Hugging Face model folder (config.json, *.safetensors) to start from; sets the model options
+    init_from: str = ""  # a Hugging Face model folder (config.json, *.safetensors) to start from; sets model options
     sample_tokens: int = 300  # tokens to generate, any number: the recurrent state does not grow
     temperature: float = 0.8  # sampling temperature (lower = more conservative)
     top_k: int = 40  # sample only among the top_k most likely tokens (0 = all)
@@ -587,8 +589,8 @@ def hf_name(name):
 @torch.no_grad()
 def load_pretrained(model, tensors, config):
     """Copy --init_from's tensors into the model, once every parameter has its tensor with the right shape
-    and the checkpoint has no tensor left over (each refusal names the tensor). The layouts are the same: torch's and Hugging
-    Face's Linear are both (out, in)."""
+    and the checkpoint has no tensor left over (each refusal names the tensor). The layouts are the same: torch's and
+    Hugging Face's Linear are both (out, in)."""
     params = {hf_name(name): param for name, param in model.named_parameters()}
     if "lm_head.weight" in tensors:  # a tied head saved anyway: the embedding, again
         tied = np.array_equal(tensors["lm_head.weight"], tensors.get("backbone.embeddings.weight"))

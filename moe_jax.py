@@ -19,6 +19,8 @@ loads either's published weights.
     python moe_jax.py                                                  # 8 experts, 2 per token: train, sample
     python moe_jax.py --num_shared_experts=1 --normalize_top_k=false   # Qwen2-MoE's layer
     python moe_jax.py --balance=bias                                   # DeepSeek-V3's balancing, no extra loss
+    python bpe.py --tokenizer=Qwen1.5-MoE-A2.7B --data=data/stories.txt   # a downloaded Hugging Face folder: README
+    python moe_jax.py --init_from=Qwen1.5-MoE-A2.7B --data=data/stories.txt.Qwen1_5-MoE-A2_7B.npy  # fine-tune it
 
 diff me against moe_torch.py: the same program in PyTorch, line by line; against llama_jax.py, to see the experts.
 """
@@ -79,7 +81,7 @@ class Config:
     rope_scaling: float = 1.0  # factor s: the context may grow to s * original_len tokens (1 = plain RoPE)
     rope_type: str = "yarn"  # how rope_scaling stretches RoPE: yarn (YaRN) or llama3 (Llama 3.1's ramp)
     original_len: int = 0  # the context RoPE was trained at, which rope_scaling stretches; 0 = seq_len
-    yarn_alpha: float = 1.0  # ramp: pairs turning fewer than alpha times in original_len are interpolated (divided by s)
+    yarn_alpha: float = 1.0  # ramp: pairs turning fewer than alpha times in original_len are divided by s
     yarn_beta: float = 32.0  # ramp: pairs turning more than beta times in original_len are left unchanged
     qk_norm: bool = False  # RMSNorm on each head's queries and keys before RoPE (Qwen3, OLMo 2)
     attention_bias: bool = False  # biases on the query, key and value projections (Qwen2)
@@ -98,7 +100,7 @@ class Config:
     log_interval: int = 100  # print the training loss every this many steps
     out_dir: str = "out/moe_jax"  # where the checkpoint lives
     resume: bool = False  # continue from the checkpoint in out_dir
-    init_from: str = ""  # a Hugging Face model folder (config.json, *.safetensors) to start from; sets the model options
+    init_from: str = ""  # a Hugging Face model folder (config.json, *.safetensors) to start from; sets model options
     sample_tokens: int = 300  # tokens to generate; past rope_scaling * seq_len of context, the oldest half is cropped
     temperature: float = 0.8  # sampling temperature (lower = more conservative)
     top_k: int = 40  # sample only among the top_k most likely tokens (0 = all)
@@ -396,7 +398,7 @@ class MoE(nnx.Module):
 
     def __init__(self, config, rngs):
         self.num_kv_heads, self.head_dim = config.num_kv_heads, config.head_dim or config.model_dim // config.num_heads
-        self.max_len = int(config.rope_scaling * (config.original_len or config.seq_len))  # the longest context RoPE serves
+        self.max_len = int(config.rope_scaling * (config.original_len or config.seq_len))  # positions RoPE serves
         self.token_embedding = nnx.Embed(config.vocab_size, config.model_dim, embedding_init=normal(0.02), rngs=rngs)
         cos, sin = rope_tables(config, self.max_len)  # 2 x (max_len, head_dim)
         self.cos, self.sin = Buffer(jnp.asarray(cos)), Buffer(jnp.asarray(sin))  # fixed: no gradient, not saved
@@ -658,7 +660,8 @@ def rope_options(hf, path):
     if rope_type != "default":
         alpha, beta, alpha_default, beta_default = ramp[rope_type]
         options |= {"rope_type": rope_type, "rope_scaling": rope.pop("factor", None),
-                    "yarn_alpha": rope.pop(alpha, None) or alpha_default, "yarn_beta": rope.pop(beta, None) or beta_default}
+                    "yarn_alpha": rope.pop(alpha, None) or alpha_default,
+                    "yarn_beta": rope.pop(beta, None) or beta_default}
         for key, value in (("truncate", True), ("attention_factor", None)):  # the defaults: rope_frequencies
             if key in rope and rope[key] is value:
                 del rope[key]
@@ -782,9 +785,9 @@ def hf_name(name, model_type):
 
 def load_pretrained(model, tensors, config):
     """Copy --init_from's tensors into the model, once every parameter has its tensor with the right shape
-    and the checkpoint has no tensor left over (each refusal names the tensor). flax keeps a Linear's kernel as (in, out),
-    Hugging Face (as torch) its weight as (out, in): the copy transposes it. Experts' (in, out) matrices get each
-    expert's, stacked and transposed."""
+    and the checkpoint has no tensor left over (each refusal names the tensor). flax keeps a Linear's kernel as
+    (in, out), Hugging Face (as torch) its weight as (out, in): the copy transposes it. Experts' (in, out) matrices
+    get each expert's, stacked and transposed."""
     tensors = stack_experts(tensors, config.init_from)
     model_type = read_file(os.path.join(config.init_from, "config.json"), json.load, "a JSON config")["model_type"]
     params = {}  # {Hugging Face name: (the parameter, transposed?)}
