@@ -543,23 +543,26 @@ def pretrained_options(folder):
 def read_safetensors(file):
     """{name: array} of a .safetensors file: 8 bytes of little-endian header length, a JSON header {name: {"dtype",
     "shape", "data_offsets": [begin, end]}} counted from the end of the header, then the raw little-endian data.
-    The arrays are views of the memory-mapped file: a tensor is read from disk only when it is copied. Raises
-    ValueError for a file that breaks the format (read_file turns it into one line)."""
-    buffer = np.memmap(file, dtype=np.uint8, mode="r")
-    header_len = int(buffer[:8].view("<u8")[0]) if len(buffer) >= 8 else -1
-    if not 2 <= header_len <= len(buffer) - 8:
-        raise ValueError(f"the header length {header_len} runs past the end of the file ({len(buffer)} bytes)")
-    header = json.loads(bytes(buffer[8 : 8 + header_len]))
+    Each array is its own memory map of the file: nothing is read until the tensor is copied, and its pages leave
+    memory with the array. Raises ValueError for a file that breaks the format (read_file makes it one line)."""
+    size = os.fstat(file.fileno()).st_size
+    header_len = int.from_bytes(file.read(8), "little") if size >= 8 else -1
+    if not 2 <= header_len <= size - 8:
+        raise ValueError(f"the header length {header_len} runs past the end of the file ({size} bytes)")
+    header = json.loads(file.read(header_len))
     header.pop("__metadata__", None)
-    data, arrays, end_of_last = buffer[8 + header_len :], {}, 0
+    arrays, end_of_last = {}, 0
     for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"]):  # in file order
         if entry["dtype"] not in SAFETENSORS_DTYPES:
             raise ValueError(f"{name} has dtype {entry['dtype']}, not one of {', '.join(SAFETENSORS_DTYPES)}")
-        dtype, (begin, end) = np.dtype(SAFETENSORS_DTYPES[entry["dtype"]]), entry["data_offsets"]
-        if not end_of_last <= begin <= end <= len(data) or end - begin != math.prod(entry["shape"]) * dtype.itemsize:
+        dtype, (begin, end), shape = np.dtype(SAFETENSORS_DTYPES[entry["dtype"]]), entry["data_offsets"], entry["shape"]
+        if not end_of_last <= begin <= end <= size - 8 - header_len or end - begin != math.prod(shape) * dtype.itemsize:
             raise ValueError(f"{name}'s bytes [{begin}, {end}) overlap another tensor, run past the end of the file "
-                             f"or do not hold its shape {entry['shape']}")
-        arrays[name], end_of_last = data[begin:end].view(dtype).reshape(entry["shape"]), end
+                             f"or do not hold its shape {shape}")
+        # copy-on-write ("c"): writable, as torch.from_numpy wants, and never written back; mmap cannot map 0 bytes
+        arrays[name] = (np.memmap(file, dtype, "c", 8 + header_len + begin, tuple(shape)) if end > begin
+                        else np.zeros(shape, dtype))
+        end_of_last = end
     return arrays
 
 
@@ -583,7 +586,7 @@ def to_float32(array):
     """A float32 copy. BF16 is the upper half of a float32's bits: shifting them back up widens it exactly."""
     if array.dtype == np.uint16:
         return (array.astype(np.uint32) << 16).view(np.float32)
-    return array.astype(np.float32)
+    return array.astype(np.float32, copy=False)  # F32: the mapped array itself, no copy
 
 
 def hf_name(name):
@@ -601,8 +604,8 @@ def load_pretrained(model, tensors, config):
     Hugging Face's Linear are both (out, in)."""
     params = {hf_name(name): param for name, param in model.named_parameters()}
     if config.tie_embeddings and "lm_head.weight" in tensors:  # a tied head saved anyway: the embedding, again
-        tied = np.array_equal(tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight"))
-        tensors = {name: array for name, array in tensors.items() if name != "lm_head.weight" or not tied}
+        if np.array_equal(tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight")):
+            del tensors["lm_head.weight"]
     for name in sorted(params.keys() ^ {name for name in tensors if not re.fullmatch(HF_DERIVED, name)}):
         fail(f"{config.init_from} {'lacks' if name in params else 'has an unexpected'} tensor {name}; it is not a "
              f"checkpoint of the model its config.json describes")
@@ -611,7 +614,7 @@ def load_pretrained(model, tensors, config):
             fail(f"{config.init_from}: {name} has shape {tensors[name].shape}, its config.json makes it "
                  f"{tuple(param.shape)}; the checkpoint and its config do not match")
     for name, param in params.items():
-        param.copy_(torch.from_numpy(to_float32(tensors[name])))
+        param.copy_(torch.from_numpy(to_float32(tensors.pop(name))))  # its memory map closes once copied
 
 
 # -----------------------------------------------------------------------------
