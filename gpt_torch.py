@@ -564,6 +564,8 @@ def generate(model, prompt, max_new_tokens, temperature, top_k):
 
 SCRIPT = os.path.basename(__file__)
 MEMORY = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # this machine's, in bytes
+# each Config field's comment, for --help (read once: inspect parses the whole file)
+COMMENTS = dict(re.findall(r"^\s+(\w+): .*?#\s*(.*)$", inspect.getsource(Config), re.M))
 
 
 # the options that must be at least 1 (checked first, so model_checks divides by none of them)
@@ -606,14 +608,13 @@ def parse_bool(text):
 def parse_config(argv=None):
     """Every Config field but vocab_size is a --name=value option; --help shows the field comments. Every value is
     checked here, before any work: what could only fail later (a size too big for memory) fails now."""
-    comments = dict(re.findall(r"^\s+(\w+): .*?#\s*(.*)$", inspect.getsource(Config), re.M))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.error = fail  # argparse would print the usage too; one line is enough
     for field in fields(Config):
         if field.name != "vocab_size":
             parser.add_argument(f"--{field.name}", type=parse_bool if field.type is bool else field.type,
-                                default=field.default, metavar=field.type.__name__, help=comments[field.name])
+                                default=field.default, metavar=field.type.__name__, help=COMMENTS[field.name])
     config = Config(**vars(parser.parse_args(argv)))
     given = {arg[2:].split("=")[0] for arg in (sys.argv[1:] if argv is None else argv) if arg.startswith("--")}
     if config.init_from and not config.resume:  # the published model's options, which the command line may not change
