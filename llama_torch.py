@@ -54,7 +54,7 @@ class Config:
     data: str = "data/stories.txt"  # a UTF-8 text file (bytes are tokens) or a bpe.py .npy token file
     seed: int = 1337  # seeds the weights, the batches and sampling
     vocab_size: int = 256  # set from the data at start (256 for bytes); not a command-line option
-    seq_len: int = 128  # tokens per training sequence; also YaRN's original context length
+    seq_len: int = 128  # tokens per training sequence; also RoPE's original context, unless original_len is set
     num_layers: int = 4  # number of transformer blocks
     num_heads: int = 4  # query heads per block; head_dim = model_dim // num_heads
     num_kv_heads: int = 2  # key/value heads (grouped-query attention): 1 = multi-query, num_heads = multi-head
