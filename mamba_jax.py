@@ -725,7 +725,7 @@ def parse_config(argv=None):
             fail(f"--{name}={value} must be a finite number within float32's range (3.4e38)")
     checks = model_checks(config) + [  # the same in every script
         (config.steps >= 1 or (config.steps == 0 and config.init_from),
-         f"--steps={config.steps} must be at least 1 (--steps=0 only samples, from an --init_from model)"),
+         f"--steps={config.steps} must be at least 1, or 0 with --init_from=DIR (only sample from that model)"),
         (0 <= config.warmup_steps <= config.steps or config.steps == 0,
          f"--warmup_steps={config.warmup_steps} must be between 0 and --steps={config.steps}"),
         (0 <= config.min_learning_rate <= config.learning_rate,

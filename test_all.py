@@ -189,6 +189,9 @@ def mistakes_every_script_refuses(tmp):
     os.makedirs(f"{tmp}/taken")
     for name in ("ckpt.pt", "ckpt.npz"):
         open(f"{tmp}/taken/{name}", "wb").close()
+    np.save(f"{tmp}/prompt.x.npy", np.array([1, 2, 3]))  # a prompt tokenized with a 300-token vocabulary
+    with open(f"{tmp}/prompt.x.json", "w") as f:
+        json.dump({"token_bytes": [bytes([i % 256, i // 256]).hex() for i in range(300)]}, f)
     return [
         (["--bogus=1"], "--bogus"),
         (["--warmup_steps=50", "--steps=10"], "warmup_steps"),
@@ -207,6 +210,9 @@ def mistakes_every_script_refuses(tmp):
         (["--learning_rate=1e308"], "float32"),  # finite, but not in float32
         (["--batch_size=1" + "0" * 400], "too large"),
         (["--data=/no/such\nfile.txt"], "such\\nfile"),  # a line break in a path: still one line
+        (["--steps=0"], "--init_from"),  # only sampling needs a model to sample from
+        (["--prompt=/no/such/prompt.txt"], "/no/such/prompt.txt"),
+        ([f"--prompt={tmp}/prompt.x.npy"], "not in the vocabulary"),  # the data are bytes
     ]
 
 
