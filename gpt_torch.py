@@ -464,15 +464,21 @@ def read_pretrained(folder):
         path = os.path.join(folder, str(shard))
         if not os.path.isfile(path):
             fail(f"--init_from={folder} has no {shard}; download the model's safetensors files into it")
-        tensors |= read_file(path, read_safetensors, "a safetensors file")
+        shard_tensors = read_file(path, read_safetensors, "a safetensors file")
+        for name in sorted(tensors.keys() & shard_tensors.keys()):
+            fail(f"{path} holds tensor {name} again, which an earlier shard holds; the checkpoint is damaged")
+        tensors |= shard_tensors
     return tensors
 
 
-def to_float32(array):
-    """A float32 copy. BF16 is the upper half of a float32's bits: shifting them back up widens it exactly."""
-    if array.dtype == np.uint16:
-        return (array.astype(np.uint32) << 16).view(np.float32)
-    return array.astype(np.float32, copy=False)  # F32: the mapped array itself, no copy
+def to_float32(array, name, folder):
+    """The tensor in float32 (F32: the mapped array itself, no copy). BF16 is the upper half of a float32's bits:
+    shifting them back up widens it exactly. Refuses (exit 2) a tensor holding nan or inf."""
+    values = (array.astype(np.uint32) << 16).view(np.float32) if array.dtype == np.uint16 else array.astype(
+        np.float32, copy=False)
+    if not np.isfinite(values).all():
+        fail(f"{folder}: tensor {name} holds values that are not finite (nan or inf); the checkpoint is damaged")
+    return values
 
 
 def hf_name(name):
@@ -510,7 +516,7 @@ def load_pretrained(model, tensors, config):
                  f"{shape}; the checkpoint and its config do not match")
     for name, (param, transposed) in params.items():
         array = tensors.pop(name)  # its memory map closes once it is copied
-        param.copy_(torch.from_numpy(to_float32(array.T if transposed else array)))
+        param.copy_(torch.from_numpy(to_float32(array.T if transposed else array, name, config.init_from)))
 
 
 # -----------------------------------------------------------------------------
@@ -666,8 +672,10 @@ def check_memory(config):
     tokens = config.batch_size * config.seq_len
     scores = tokens * config.num_heads * config.seq_len
     needed = 16 * weights + 4 * (tokens * (2 * config.vocab_size + 4 * config.num_layers * config.model_dim) + scores)
+    needed = needed if config.steps else 4 * weights  # --steps=0 only samples: the float32 weights
     if needed >= MEMORY:
-        fail(f"training this model needs at least {needed / 2**30:.1f} GiB of memory, this machine has "
+        fail(f"{'training' if config.steps else 'sampling'} this model needs at least {needed / 2**30:.1f} GiB of "
+             f"memory, this machine has "
              f"{MEMORY / 2**30:.1f}; use a smaller --batch_size, --seq_len, --model_dim or --num_layers")
 
 
@@ -786,8 +794,7 @@ def main(argv=None):
              f"{config.vocab_size}; tokenize it with the model's: python bpe.py --tokenizer={config.init_from} "
              f"--data=FILE")
     config.vocab_size = len(token_bytes)
-    if config.steps:  # --steps=0 only samples
-        check_memory(config)  # now that vocab_size is known
+    check_memory(config)  # now that vocab_size is known
     prompt = read_prompt(config, val_tokens, token_bytes)
     tensors = read_pretrained(config.init_from) if config.init_from else None  # memory-mapped: read when copied
     with locked_out_dir(config) if config.steps else contextlib.nullcontext():  # --steps=0 writes nothing

@@ -492,7 +492,10 @@ SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}  # BF16 as raw 
 
 def rope_options(hf, path):
     """The RoPE options from config.json: rope_theta and rope_scaling (transformers 4), or rope_parameters (5)."""
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        fail(f"{path}: rope_parameters (or rope_scaling) {rope!r} is not a JSON object; check the file")
+    rope = dict(rope)  # popped below: what is left over is refused
     rope_type = rope.pop("rope_type", rope.pop("type", "default"))
     theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
     original_len = rope.pop("original_max_position_embeddings", hf.get("max_position_embeddings", 0))
@@ -526,11 +529,13 @@ def pretrained_options(folder):
     for key, value in HF_FIXED.items():
         if hf.get(key) not in (None, value):  # None: absent, Hugging Face's default
             fail(f"{path}: {key}={hf[key]!r} is not implemented here (only {value!r})")
-    if any(kind != "full_attention" for kind in hf.get("layer_types") or []):  # sliding-window layers
+    layer_types = hf.get("layer_types") or []
+    if not isinstance(layer_types, list) or any(kind != "full_attention" for kind in layer_types):  # sliding windows
         fail(f"{path}: layer_types {hf['layer_types']} is not implemented here (only full_attention)")
     options = {field: hf[key] for key, field in HF_OPTIONS.items() if hf.get(key) is not None}
     options |= {"qk_norm": hf["model_type"] == "qwen3", **rope_options(hf, path)}
     options.setdefault("num_kv_heads", options.get("num_heads"))  # absent before grouped-query attention
+    options.setdefault("norm_eps", 1e-6)  # Hugging Face's default for both
     kinds = {field.name: field.type for field in fields(Config)}
     for name, value in options.items():  # JSON has one kind of number: 1e-06 is a float, 16 must be an int
         if kinds[name] is float and type(value) is int:
@@ -578,15 +583,21 @@ def read_pretrained(folder):
         path = os.path.join(folder, str(shard))
         if not os.path.isfile(path):
             fail(f"--init_from={folder} has no {shard}; download the model's safetensors files into it")
-        tensors |= read_file(path, read_safetensors, "a safetensors file")
+        shard_tensors = read_file(path, read_safetensors, "a safetensors file")
+        for name in sorted(tensors.keys() & shard_tensors.keys()):
+            fail(f"{path} holds tensor {name} again, which an earlier shard holds; the checkpoint is damaged")
+        tensors |= shard_tensors
     return tensors
 
 
-def to_float32(array):
-    """A float32 copy. BF16 is the upper half of a float32's bits: shifting them back up widens it exactly."""
-    if array.dtype == np.uint16:
-        return (array.astype(np.uint32) << 16).view(np.float32)
-    return array.astype(np.float32, copy=False)  # F32: the mapped array itself, no copy
+def to_float32(array, name, folder):
+    """The tensor in float32 (F32: the mapped array itself, no copy). BF16 is the upper half of a float32's bits:
+    shifting them back up widens it exactly. Refuses (exit 2) a tensor holding nan or inf."""
+    values = (array.astype(np.uint32) << 16).view(np.float32) if array.dtype == np.uint16 else array.astype(
+        np.float32, copy=False)
+    if not np.isfinite(values).all():
+        fail(f"{folder}: tensor {name} holds values that are not finite (nan or inf); the checkpoint is damaged")
+    return values
 
 
 def hf_name(name):
@@ -614,7 +625,7 @@ def load_pretrained(model, tensors, config):
             fail(f"{config.init_from}: {name} has shape {tensors[name].shape}, its config.json makes it "
                  f"{tuple(param.shape)}; the checkpoint and its config do not match")
     for name, param in params.items():
-        param.copy_(torch.from_numpy(to_float32(tensors.pop(name))))  # its memory map closes once copied
+        param.copy_(torch.from_numpy(to_float32(tensors.pop(name), name, config.init_from)))  # its memory map closes once copied
 
 
 # -----------------------------------------------------------------------------
@@ -809,8 +820,10 @@ def check_memory(config):
     tokens = config.batch_size * config.seq_len
     scores = tokens * config.num_heads * config.seq_len
     needed = 16 * weights + 4 * (tokens * (2 * config.vocab_size + 4 * config.num_layers * config.model_dim) + scores)
+    needed = needed if config.steps else 4 * weights  # --steps=0 only samples: the float32 weights
     if needed >= MEMORY:
-        fail(f"training this model needs at least {needed / 2**30:.1f} GiB of memory, this machine has "
+        fail(f"{'training' if config.steps else 'sampling'} this model needs at least {needed / 2**30:.1f} GiB of "
+             f"memory, this machine has "
              f"{MEMORY / 2**30:.1f}; use a smaller --batch_size, --seq_len, --model_dim or --num_layers")
 
 
@@ -929,8 +942,7 @@ def main(argv=None):
              f"{config.vocab_size}; tokenize it with the model's: python bpe.py --tokenizer={config.init_from} "
              f"--data=FILE")
     config.vocab_size = len(token_bytes)
-    if config.steps:  # --steps=0 only samples
-        check_memory(config)  # now that vocab_size is known
+    check_memory(config)  # now that vocab_size is known
     prompt = read_prompt(config, val_tokens, token_bytes)
     tensors = read_pretrained(config.init_from) if config.init_from else None  # memory-mapped: read when copied
     with locked_out_dir(config) if config.steps else contextlib.nullcontext():  # --steps=0 writes nothing

@@ -2774,8 +2774,10 @@ def test_llama_reads_bf16_and_f16_checkpoints():
 
 
 # a key whose value each family does not implement: refused, naming it
-UNSUPPORTED_KEYS = {"gpt": ("activation_function", "relu"), "llama": ("hidden_act", "gelu"),
-                    "moe": ("hidden_act", "gelu"), "mamba": ("use_bias", True)}
+UNSUPPORTED_KEYS = {"gpt": [("activation_function", "relu")],
+                    "llama": [("hidden_act", "gelu"), ("rope_parameters", "yarn"), ("layer_types", 5)],
+                    "moe": [("hidden_act", "gelu"), ("rope_parameters", [1, 2]), ("layer_types", ["sliding_attention"])],
+                    "mamba": [("use_bias", True)]}
 
 
 def assert_init_from_refuses_bad_folders(family):
@@ -2804,7 +2806,7 @@ def assert_init_from_refuses_bad_folders(family):
             entry = lambda kind, begin, end: {"dtype": kind, "shape": [(end - begin) // 4], "data_offsets": [begin, end]}
             whole = open(f"{folder('whole')}/model.safetensors", "rb").read()  # the fixture in one file
             other = "mamba" if family != "mamba" else "gpt2"
-            key, value = UNSUPPORTED_KEYS[family]
+            width = "n_embd" if family == "gpt" else "hidden_size"
             cases = [
                 (f"{tmp}/no_such_folder", [], "config.json"),
                 (f"{base}/empty", [], "config.json"),
@@ -2818,13 +2820,22 @@ def assert_init_from_refuses_bad_folders(family):
                 (folder("missing", tensors={k: v for k, v in tensors.items() if k != last}), [], last),
                 (folder("unexpected", tensors=tensors | {"extra.weight": np.zeros(3, np.float32)}), [], "extra.weight"),
                 (folder("shape", tensors=tensors | {first: tensors[first][..., :-1].copy()}), [], first),
-                (folder("key", **{key: value}), [], key),
+                *[(folder(f"key_{key}", **{key: value}), [], key) for key, value in UNSUPPORTED_KEYS[family]],
+                (folder("huge", **{width: 2**17, **({"intermediate_size": 2**18} if family == "mamba" else {})}), [],
+                 "memory"),  # also when only sampling
+                (folder("nan", tensors=tensors | {last: np.full_like(tensors[last], np.nan)}), [], last),
                 (folder("vocab", vocab_size=300), [], "vocabulary"),
                 (f"{FIXTURES}/{other}", [], other),
                 (f"{FIXTURES}/{name}", ["--num_layers=5"], "--num_layers"),
                 (f"{FIXTURES}/{name}", ["--resume=true"], "--resume"),
             ]
             os.remove(f"{folder('no_weights')}/model.safetensors")
+            shards = folder("shards")  # the first tensor in both shards
+            write_safetensors(f"{shards}/b.safetensors", {first: tensors[first]})
+            os.rename(f"{shards}/model.safetensors", f"{shards}/a.safetensors")
+            with open(f"{shards}/model.safetensors.index.json", "w") as f:
+                json.dump({"weight_map": {name: "a.safetensors" for name in tensors} | {first: "b.safetensors"}}, f)
+            cases.append((shards, [], f"holds tensor {first} again"))
             cases.append((f"{base}/no_weights", [], "model.safetensors"))
             for init_from, args, word in cases:
                 seq_len = [] if family == "gpt" else ["--seq_len=16"]  # within the fixtures' RoPE (gpt: its table)
