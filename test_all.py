@@ -68,6 +68,7 @@ import moe_torch  # noqa: E402
 STORIES = os.path.join(ROOT, "data", "stories.txt")
 STORIES_HEAD = open(STORIES, "rb").read(20000)  # a little real text, for tests that train in this process
 FLOOR = os.path.join(ROOT, "data", "stories.txt.floor.json")
+ONE_DEVICE = jax.sharding.Mesh(jax.devices()[:1], ("data",))  # the jax scripts' mesh on one device
 
 
 def run_script(*args, timeout=120):
@@ -558,7 +559,7 @@ def test_gpt_training_steps_match_across_frameworks():
     graphdef, state = nnx.split(jax_model)
     params = nnx.to_pure_dict(state)
     opt_state = jax_optimizer.init(params)
-    jax_step, _ = gpt_jax.make_steps(graphdef, jax_optimizer, jax.random.key(0))
+    jax_step, _ = gpt_jax.make_steps(graphdef, jax_optimizer, jax.random.key(0), ONE_DEVICE)
     rng = np.random.default_rng(3)
     for step in range(3):
         x, y = rng.integers(0, 256, size=(2, 2, 16))
@@ -694,7 +695,7 @@ def test_gpt_jax_checkpoint_resume_equals_uninterrupted():
             return params, opt_state, losses
 
         graphdef, params, opt_state = fresh()
-        train_step, _ = gpt_jax.make_steps(graphdef, optimizer, jax.random.key(1))
+        train_step, _ = gpt_jax.make_steps(graphdef, optimizer, jax.random.key(1), ONE_DEVICE)
         whole_params, _, whole = train(params, opt_state, np.random.default_rng(config.seed), range(10))
         _, params, opt_state = fresh()
         rng = np.random.default_rng(config.seed)
@@ -1341,7 +1342,7 @@ def test_llama_training_steps_match_across_frameworks():
     jax_optimizer = llama_jax.make_optimizer(llama_config(llama_jax, **overrides))
     graphdef, params, buffers = nnx.split(jax_model, nnx.Param, ...)
     opt_state = jax_optimizer.init(params)
-    train_step, _ = llama_jax.make_steps(graphdef, buffers, jax_optimizer)
+    train_step, _ = llama_jax.make_steps(graphdef, buffers, jax_optimizer, ONE_DEVICE)
     rng = np.random.default_rng(3)
     for step in range(3):
         x = rng.integers(0, 61, size=(2, 16))
@@ -1724,7 +1725,7 @@ def test_moe_training_steps_match_across_frameworks():
         graphdef, params, expert_bias, buffers = nnx.split(jax_model, nnx.Param, moe_jax.ExpertBias, ...)
         params, expert_bias, buffers = (nnx.to_pure_dict(s) for s in (params, expert_bias, buffers))
         opt_state = jax_optimizer.init(params)
-        jax_step, jax_eval = moe_jax.make_steps(graphdef, buffers, jax_optimizer, moe_config(moe_jax, **overrides))
+        jax_step, jax_eval = moe_jax.make_steps(graphdef, buffers, jax_optimizer, moe_config(moe_jax, **overrides), ONE_DEVICE)
         batches = np.random.default_rng(3).integers(0, 256, size=(4, MOE_RUN["batch_size"], MOE_RUN["seq_len"]))
         for step, x in enumerate(batches[:3]):
             y = np.roll(x, -1, axis=1)
@@ -2353,7 +2354,7 @@ def test_mamba_training_steps_match_across_frameworks():
     graphdef, state = nnx.split(jax_model)
     params = nnx.to_pure_dict(state)
     opt_state = jax_optimizer.init(params)
-    train_step, _ = mamba_jax.make_steps(graphdef, jax_optimizer)
+    train_step, _ = mamba_jax.make_steps(graphdef, jax_optimizer, ONE_DEVICE)
     torch_train_step, _ = mamba_torch.make_steps(torch_model, torch_optimizer, config)  # the scripts' own steps
     tokens = np.frombuffer(STORIES_HEAD, np.uint8)
     rng = np.random.default_rng(3)
