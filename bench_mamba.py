@@ -27,6 +27,8 @@ import mamba_jax
 import mamba_torch
 
 
+ONE_DEVICE = jax.sharding.Mesh(jax.devices()[:1], ("data",))  # the jax steps' mesh: one device
+
 def torch_step(module, model_class, **overrides):
     """A function running one training step of the model on a batch, in place."""
     config = module.Config(**overrides)
@@ -44,11 +46,11 @@ def jax_step(module, model_class, **overrides):
     if module is llama_jax:  # Llama keeps its RoPE tables apart from the parameters
         graphdef, params, buffers = nnx.split(model, nnx.Param, ...)
         params, buffers = nnx.to_pure_dict(params), nnx.to_pure_dict(buffers)
-        train_step, _ = module.make_steps(graphdef, buffers, optimizer)
+        train_step, _ = module.make_steps(graphdef, buffers, optimizer, ONE_DEVICE)
     else:
         graphdef, params = nnx.split(model)
         params = nnx.to_pure_dict(params)
-        train_step, _ = module.make_steps(graphdef, optimizer)
+        train_step, _ = module.make_steps(graphdef, optimizer, ONE_DEVICE)
     state = [params, optimizer.init(params)]
 
     def step(x, y):

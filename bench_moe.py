@@ -25,6 +25,8 @@ import moe_jax
 import moe_torch
 
 
+ONE_DEVICE = jax.sharding.Mesh(jax.devices()[:1], ("data",))  # the jax steps' mesh: one device
+
 def torch_step(module, model_class):
     """A function running one training step of the default model on a batch, in place."""
     config = module.Config()
@@ -42,11 +44,11 @@ def jax_step(module, model_class, extra_state):
     if extra_state:
         graphdef, params, bias, buffers = nnx.split(model, nnx.Param, module.ExpertBias, ...)
         state = [nnx.to_pure_dict(params), None, nnx.to_pure_dict(bias)]
-        train_step, _ = module.make_steps(graphdef, nnx.to_pure_dict(buffers), optimizer, config)
+        train_step, _ = module.make_steps(graphdef, nnx.to_pure_dict(buffers), optimizer, config, ONE_DEVICE)
     else:
         graphdef, params, buffers = nnx.split(model, nnx.Param, ...)
         state = [nnx.to_pure_dict(params), None]
-        train_step, _ = module.make_steps(graphdef, nnx.to_pure_dict(buffers), optimizer)
+        train_step, _ = module.make_steps(graphdef, nnx.to_pure_dict(buffers), optimizer, ONE_DEVICE)
     state[1] = optimizer.init(state[0])
 
     def step(x, y):

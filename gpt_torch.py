@@ -932,6 +932,8 @@ def main(argv=None):
                     dist.barrier()  # no process ends before the first one has saved
                 sys.exit(128 + stop_requested[0])
 
+        if dist.is_initialized():
+            dist.barrier()  # no process ends (and leaves the process group) before the first one has saved
         if rank == 0:
             quit_on_signal(f"while sampling; {path} holds the trained model")
             sample(model, prompt, token_bytes, config)

@@ -47,6 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 from jax.tree_util import keystr
 
 # -----------------------------------------------------------------------------
@@ -57,6 +59,8 @@ from jax.tree_util import keystr
 class Config:
     data: str = "data/stories.txt"  # a UTF-8 text file (bytes are tokens) or a bpe.py .npy token file
     seed: int = 1337  # seeds the weights, the batches and sampling
+    device: str = "auto"  # cpu, cuda or mps (jax-metal); auto: jax's default. Every such device joins the mesh
+    dtype: str = "auto"  # float32, or bfloat16 (bfloat16 matmuls, float32 weights); auto: bfloat16 on CUDA GPUs that have it (Ampere and newer), else float32
     vocab_size: int = 256  # set from the data at start (256 for bytes); not a command-line option
     seq_len: int = 128  # tokens per training sequence; also RoPE's original context, unless original_len is set
     num_layers: int = 4  # number of transformer blocks
@@ -114,6 +118,12 @@ def residual_std(config):
     """GPT-2 init, kept by Llama: the two projections that write into the residual stream get 0.02 / sqrt(2 *
     num_layers), so the stream's variance does not grow with depth."""
     return 0.02 / math.sqrt(2 * config.num_layers)
+
+
+def compute_dtype(config):
+    """The dtype of the matmuls and the activations after them: bfloat16 with --dtype=bfloat16, where the parameters
+    stay float32 (nnx.Linear's dtype casts them for the product), as torch's autocast does."""
+    return jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
 
 
 class RMSNorm(nnx.Module):
@@ -193,7 +203,7 @@ class Attention(nnx.Module):
     def __init__(self, config, rngs):
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.head_dim = config.head_dim or config.model_dim // config.num_heads
-        linear = partial(nnx.Linear, use_bias=False, kernel_init=normal(0.02), rngs=rngs)
+        linear = partial(nnx.Linear, use_bias=False, kernel_init=normal(0.02), dtype=compute_dtype(config), rngs=rngs)
         self.query = linear(config.model_dim, config.num_heads * self.head_dim)
         self.key = linear(config.model_dim, config.num_kv_heads * self.head_dim)
         self.value = linear(config.model_dim, config.num_kv_heads * self.head_dim)
@@ -215,6 +225,8 @@ class Attention(nnx.Module):
             query, key = self.query_norm(query), self.key_norm(key)
         query, key, value = (t.swapaxes(1, 2) for t in (query, key, value))  # (batch_size, heads, seq_len, head_dim)
         query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
+        # RoPE ran in float32 (the tables' dtype, as in Meta's code); the attention's matmuls run in value's dtype
+        query, key = query.astype(value.dtype), key.astype(value.dtype)
         if cache is not None:  # write these positions' keys and values, then attend over all the slots (masked)
             cache[0] = jax.lax.dynamic_update_slice(cache[0], key, (0, 0, position, 0))  # (.., cache length, head_dim)
             cache[1] = jax.lax.dynamic_update_slice(cache[1], value, (0, 0, position, 0))
@@ -226,7 +238,8 @@ class Attention(nnx.Module):
         query = query.reshape(batch_size, self.num_kv_heads, group, seq_len, self.head_dim)
         scores = jnp.einsum("bkgqd,bksd->bkgqs", query, key) * self.head_dim**-0.5  # (.., group, seq_len, num_keys)
         scores = jnp.where(mask, scores, -jnp.inf)  # (seq_len, num_keys) mask broadcasts over batch and heads
-        out = jnp.einsum("bkgqs,bksd->bkgqd", jax.nn.softmax(scores, axis=-1), value)  # (.., group, seq_len, head_dim)
+        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(value.dtype)  # float32 also in bfloat16
+        out = jnp.einsum("bkgqs,bksd->bkgqd", probs, value)  # (.., group, seq_len, head_dim)
         out = out.reshape(batch_size, self.num_heads, seq_len, self.head_dim).swapaxes(1, 2)
         out = self.out_proj(out.reshape(batch_size * seq_len, self.num_heads * self.head_dim))  # (.., model_dim)
         return out.reshape(batch_size, seq_len, model_dim)
@@ -244,7 +257,7 @@ class SwiGLU(nnx.Module):
 
     def __init__(self, config, rngs):
         ffn_dim = config.ffn_dim or llama_ffn_dim(config.model_dim)
-        linear = partial(nnx.Linear, use_bias=False, kernel_init=normal(0.02), rngs=rngs)
+        linear = partial(nnx.Linear, use_bias=False, kernel_init=normal(0.02), dtype=compute_dtype(config), rngs=rngs)
         self.gate = linear(config.model_dim, ffn_dim)
         self.up = linear(config.model_dim, ffn_dim)
         self.down = linear(ffn_dim, config.model_dim, kernel_init=normal(residual_std(config)))
@@ -288,8 +301,10 @@ class Llama(nnx.Module):
         self.cos, self.sin = Buffer(jnp.asarray(cos)), Buffer(jnp.asarray(sin))  # fixed: no gradient, not saved
         self.blocks = nnx.List([Block(config, rngs) for _ in range(config.num_layers)])
         self.final_norm = RMSNorm(config.model_dim, config.norm_eps)
+        # the matmuls' dtype; the embedding lookup, so the residual stream, stays float32 (as under torch's autocast)
+        self.dtype = compute_dtype(config)
         self.lm_head = None if config.tie_embeddings else nnx.Linear(
-            config.model_dim, config.vocab_size, use_bias=False, kernel_init=normal(0.02), rngs=rngs)
+            config.model_dim, config.vocab_size, use_bias=False, kernel_init=normal(0.02), dtype=self.dtype, rngs=rngs)
 
     def __call__(self, tokens, targets=None, cache=None, position=0):
         """Logits for tokens at positions position, position + 1, ...; and the loss if targets are given. With a
@@ -306,17 +321,21 @@ class Llama(nnx.Module):
             layer_cache = None if cache is None else cache[layer]
             x = block(x, cos, sin, mask, layer_cache, position)  # (batch_size, seq_len, model_dim)
         x = self.final_norm(x)
-        logits = self.lm_head(x) if self.lm_head is not None else self.token_embedding.attend(x)
+        # tied: the embedding as the output matrix, in the compute dtype as in a Linear (attend would keep float32)
+        tied = lambda x: x.astype(self.dtype) @ self.token_embedding.embedding[...].astype(self.dtype).T
+        logits = self.lm_head(x) if self.lm_head is not None else tied(x)
         if targets is None:
             return logits, None  # (batch_size, seq_len, vocab_size)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()  # mean over batch_size * seq_len
+        # in float32 also with --dtype=bfloat16: the log-softmax of many logits needs the precision
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
         return logits, loss
 
     def new_cache(self, batch_size, length):
         """One [key, value] pair per layer, preallocated for length (at most max_len) positions: the shapes never
         change, so the decoding step compiles once."""
         shape = (batch_size, self.num_kv_heads, length, self.head_dim)
-        return [[jnp.zeros(shape), jnp.zeros(shape)] for _ in self.blocks]
+        zeros = lambda: jnp.zeros(shape, self.dtype)  # the compute dtype, that of the keys and values written
+        return [[zeros(), zeros()] for _ in self.blocks]
 
 
 # -----------------------------------------------------------------------------
@@ -396,9 +415,12 @@ def learning_rate_at(step, config):
     return config.min_learning_rate + cosine * (config.learning_rate - config.min_learning_rate)
 
 
-def make_steps(graphdef, buffers, optimizer):
-    """The train step and the evaluation loss, each compiled once by jax.jit as a pure function of the model's
-    parameters (nnx.split/merge): cheaper per call than nnx.jit, which walks the module graph every time."""
+def make_steps(graphdef, buffers, optimizer, mesh):
+    """The train step (one AdamW update) and the evaluation loss, as functions of numpy batches of batch_size
+    sequences, each compiled once by jax.jit as a pure function of the model's parameters (nnx.split/merge): cheaper
+    per call than nnx.jit, which walks the module graph every time. Data parallel: the batch is split by rows over the
+    mesh's devices, the parameters are replicated on each, and jit compiles one program for them all, in which XLA
+    adds the gradients' sum over the devices; so every device makes the update one device makes on the whole batch."""
     def loss_fn(params, x, y):
         return nnx.merge(graphdef, params, buffers)(x, y)[1]
 
@@ -409,7 +431,18 @@ def make_steps(graphdef, buffers, optimizer):
         params = jax.tree.map(lambda p, u: p - learning_rate * u, params, updates)  # AdamW's step: -lr * update
         return params, opt_state, loss
 
-    return train_step, jax.jit(loss_fn)
+    eval_loss = jax.jit(loss_fn)
+    shard = lambda batch: shard_batch(batch, mesh)
+    return (lambda params, opt_state, x, y, *rest: train_step(params, opt_state, shard(x), shard(y), *rest),
+            lambda params, x, y: eval_loss(params, shard(x), shard(y)))
+
+
+def shard_batch(batch, mesh):
+    """numpy (batch_size, seq_len) -> one array split by rows over the mesh axis "data": each device holds
+    batch_size / devices rows. With several processes, each supplies only its own rows."""
+    part = len(batch) // jax.process_count()
+    mine = batch[jax.process_index() * part : (jax.process_index() + 1) * part]
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec("data")), mine, batch.shape)
 
 
 def evaluate(eval_loss, params, tokens, config):
@@ -445,7 +478,8 @@ def save_checkpoint(state, step, data_rng, config):
     file and renamed over the old one, so an interruption never leaves a broken checkpoint."""
     path = os.path.join(config.out_dir, CHECKPOINT)
     meta = json.dumps({"step": step, "data_rng": data_rng.bit_generator.state, "config": asdict(config)})
-    arrays = {name: np.asarray(leaf) for name, leaf in checkpoint_arrays(state).items()}
+    # replicated: each device holds the whole array; this process's first copy is the one to save
+    arrays = {name: np.asarray(leaf.addressable_data(0)) for name, leaf in checkpoint_arrays(state).items()}
     with open(path + ".tmp", "wb") as f:  # a file object: given a name, np.savez would append ".npz"
         np.savez(f, meta=np.array(meta), **arrays)
     os.replace(path + ".tmp", path)
@@ -711,6 +745,7 @@ MEMORY = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # this machin
 COMMENTS = dict(re.findall(r"^\s+(\w+): .*?#\s*(.*)$", inspect.getsource(Config), re.M))
 
 
+DEVICES, DTYPES = ("auto", "cpu", "cuda", "mps"), ("auto", "float32", "bfloat16")
 # the options that must be at least 1 (checked first, so model_checks divides by none of them)
 POSITIVE = ("seq_len", "num_layers", "num_heads", "num_kv_heads", "model_dim", "batch_size", "eval_interval",
             "eval_steps", "log_interval")
@@ -803,6 +838,8 @@ def parse_config(argv=None):
         (1e-6 <= config.temperature <= 1e6 and config.top_k >= 0 and config.sample_tokens >= 0,
          "--temperature must be in [1e-6, 1e6], --top_k and --sample_tokens >= 0"),
         (0 <= config.seed < 2**32, f"--seed={config.seed} must be in [0, 2**32)"),
+        (config.device in DEVICES, f"--device={config.device} is unknown; choose one of {', '.join(DEVICES)}"),
+        (config.dtype in DTYPES, f"--dtype={config.dtype} is unknown; choose one of {', '.join(DTYPES)}"),
         (os.path.isfile(config.data), f"data file {config.data} not found; pass --data=PATH (a text file or a .npy)"),
         (not config.prompt or os.path.isfile(config.prompt), f"prompt file {config.prompt} not found; pass an existing "
          f"file (a .npy made by bpe.py, or text with byte data)"),
@@ -816,6 +853,43 @@ def parse_config(argv=None):
         if not ok:
             fail(message)
     return config
+
+
+def start_devices(config):
+    """The mesh this process trains on: every device of the chosen kind, in a row along one axis named "data". With
+    JAX_COORDINATOR_ADDRESS (process 0's host:port), JAX_NUM_PROCESSES and JAX_PROCESS_ID set, this process first
+    joins the others (multi-host) and the mesh spans all their devices. Settles --device=auto and --dtype=auto, and
+    refuses (exit 2) a device that is not here, bfloat16 where it cannot run, and a batch the devices cannot share
+    evenly. Returns the mesh and this process's index; only the first process (index 0) prints."""
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        try:
+            processes, process_id = int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"])
+        except (KeyError, ValueError):
+            fail("JAX_COORDINATOR_ADDRESS is set: set JAX_NUM_PROCESSES and JAX_PROCESS_ID to whole numbers too")
+        jax.distributed.initialize(num_processes=processes, process_id=process_id)  # it reads the address itself
+    platform = {"auto": None, "cpu": "cpu", "cuda": "cuda", "mps": "METAL"}[config.device]  # METAL: jax-metal's
+    try:
+        devices, local = jax.devices(platform), jax.local_devices(backend=platform)[0]
+    except RuntimeError:
+        fail(f"--device={config.device}: jax has no such devices here; pass --device=cpu, or --device=auto to take "
+             f"the best there is")
+    kind = devices[0].platform
+    if config.dtype == "auto":
+        capability = float(getattr(devices[0], "compute_capability", 0))  # a CUDA GPU's, e.g. 8.0 (Ampere)
+        config.dtype = "bfloat16" if kind == "gpu" and capability >= 8 else "float32"
+    jax.config.update("jax_default_matmul_precision", "highest")  # float32 is float32 (GPUs would use tf32), as torch
+    try:  # bfloat16 needs hardware or kernels the device may lack: try a matmul
+        ones = jax.device_put(np.ones((2, 2), jnp.dtype(config.dtype)), local)
+        (ones @ ones).block_until_ready()
+    except (RuntimeError, TypeError) as error:
+        fail(f"--dtype={config.dtype} does not run on {kind} here ({str(error)[:100]}); pass --dtype=float32")
+    if config.batch_size % len(devices):
+        fail(f"--batch_size={config.batch_size} is not divisible by the {len(devices)} devices; pass a multiple")
+    jax.config.update("jax_default_device", local)  # where the model is made and sampled
+    if jax.process_index():
+        sys.stdout = open(os.devnull, "w")  # the other processes compute, the first one reports
+    print(f"devices: {len(devices)} x {kind}{' (mesh axis data)' if len(devices) > 1 else ''} | {config.dtype}")
+    return jax.sharding.Mesh(np.array(devices), ("data",)), jax.process_index()
 
 
 def check_memory(config):
@@ -919,6 +993,14 @@ def read_losses(unchecked, config):
     return losses[-1][1]
 
 
+def stop_together(received):
+    """Several processes (multi-host): every process receives Ctrl-C, not necessarily during the same step. After each
+    step they share what they received (the largest signal number), so that all of them stop after the same step."""
+    if jax.process_count() > 1:
+        signum = int(multihost_utils.process_allgather(np.array(received[:1] or [0])).max())
+        received[:] = [signum] if signum else []
+
+
 def quit_on_signal(when):
     """Outside the training loop there is nothing to save: Ctrl-C (SIGINT) or SIGTERM ends the script at once with
     one line and exit status 128 + the signal's number (130, 143). os._exit: no exception unwinds through the
@@ -943,6 +1025,7 @@ def stop_on_signal():
 def main(argv=None):
     quit_on_signal("before training; nothing was written")
     config = parse_config(argv)
+    mesh, rank = start_devices(config)
     train_tokens, val_tokens, token_bytes, floor = load_data(config)
     if config.init_from and len(token_bytes) != config.vocab_size:
         fail(f"{config.data} has a vocabulary of {len(token_bytes)} tokens, {config.init_from} one of "
@@ -952,7 +1035,8 @@ def main(argv=None):
     check_memory(config)  # now that vocab_size is known
     prompt = read_prompt(config, val_tokens, token_bytes)
     tensors = read_pretrained(config.init_from) if config.init_from else None  # memory-mapped: read when copied
-    with locked_out_dir(config) if config.steps else contextlib.nullcontext():  # --steps=0 writes nothing
+    # --steps=0 writes nothing; with several processes, only the first one writes
+    with locked_out_dir(config) if config.steps and rank == 0 else contextlib.nullcontext():
         checkpoint = open_checkpoint(config) if config.steps else None
         init_key, sample_key = jax.random.split(jax.random.key(config.seed))
         model = Llama(config, nnx.Rngs(init_key))
@@ -962,7 +1046,7 @@ def main(argv=None):
             print(f"loaded {config.init_from}: " + " ".join(f"--{k}={v}" for k, v in options if k != "vocab_size"))
         if config.steps == 0:  # only sample from the published model
             quit_on_signal("while sampling")
-            return sample(model, prompt, token_bytes, config, sample_key)
+            return sample(model, prompt, token_bytes, config, sample_key) if rank == 0 else None
         optimizer = make_optimizer(config)
         data_rng = np.random.default_rng(config.seed)
         # jax transforms pure functions: split the model into its structure and plain nested dicts of arrays, the
@@ -977,12 +1061,14 @@ def main(argv=None):
                                                    config)
             params, opt_state = saved["params"], saved["opt_state"]
             print(f"resuming from step {start_step}")
+        # a whole copy of the weights and optimizer state on every device of the mesh (PartitionSpec(): no axis split)
+        params, opt_state = jax.device_put((params, opt_state), NamedSharding(mesh, PartitionSpec()))
         byte_lengths = np.array([len(b) for b in token_bytes])
         tokens_per_byte = len(val_tokens) / byte_lengths[val_tokens].sum()  # 1 for a byte corpus
         print(f"data {config.data}: {len(train_tokens):,} train / {len(val_tokens):,} val tokens, "
               f"vocab_size {config.vocab_size}")
         print(f"model: {sum(p.size for p in jax.tree.leaves(params)):,} parameters")
-        train_step, eval_loss = make_steps(graphdef, buffers, optimizer)
+        train_step, eval_loss = make_steps(graphdef, buffers, optimizer, mesh)
 
         stop_requested = stop_on_signal()  # the current step finishes, then we save and exit
         unchecked_losses = []  # (step, loss) not read yet: see read_losses
@@ -991,9 +1077,10 @@ def main(argv=None):
         for step in range(start_step, config.steps):
             learning_rate = learning_rate_at(step, config)
             x, y = get_batch(train_tokens, data_rng, config)
-            params, opt_state, loss = train_step(params, opt_state, x, y, learning_rate)
+            params, opt_state, loss = train_step(params, opt_state, x, y, learning_rate)  # split over the mesh
             done = step + 1  # steps completed
             unchecked_losses.append((done, loss))
+            stop_together(stop_requested)
             evaluating = done % config.eval_interval == 0 or done == config.steps
             if done % config.log_interval == 0 or evaluating or stop_requested:
                 loss = read_losses(unchecked_losses, config)
@@ -1002,26 +1089,31 @@ def main(argv=None):
                 print(f"step {done:5d}/{config.steps} | loss {loss:.4f} | lr {learning_rate:.1e} | "
                       f"{ms:.1f} ms/step | {tokens_per_step / ms:.1f}k tok/s", flush=True)
                 timer, timed_from = time.perf_counter(), done
-            if evaluating:
+            if evaluating:  # by every process: one computation over the whole mesh
                 train_loss, val_loss = (evaluate(eval_loss, params, split, config)
                                         for split in (train_tokens, val_tokens))
                 stop_if_diverged(done, config, train_loss=train_loss, val_loss=val_loss)
                 bpb = val_loss / math.log(2) * tokens_per_byte
                 print(f"eval step {done:5d} | train {train_loss:.4f} | val {val_loss:.4f} | val bpb {bpb:.3f}"
                       + (f" | floor {floor:.3f}" if floor is not None else ""), flush=True)
-            if evaluating or stop_requested:
+            if (evaluating or stop_requested) and rank == 0:
                 weight_norm = float(jax.jit(optax.global_norm)(params))  # compiled: one call, not one per array
                 stop_if_diverged(done, config, weight_norm=weight_norm)
                 path = save_checkpoint({"params": params, "opt_state": opt_state}, done, data_rng, config)
                 timer, timed_from = time.perf_counter(), done  # keep evaluation and saving out of ms/step
             if stop_requested:
-                then = "continue with --resume=true" if done < config.steps else "training is complete"
-                tell(f"stopped by {signal.Signals(stop_requested[0]).name}: saved step {done} to {path}; {then}")
+                if rank == 0:
+                    then = "continue with --resume=true" if done < config.steps else "training is complete"
+                    tell(f"stopped by {signal.Signals(stop_requested[0]).name}: saved step {done} to {path}; {then}")
+                if jax.process_count() > 1:
+                    multihost_utils.sync_global_devices("saved")  # no process ends before the first one has saved
                 sys.exit(128 + stop_requested[0])
 
-        quit_on_signal(f"while sampling; {path} holds the trained model")
-        nnx.update(model, params)  # the trained arrays back into the model object
-        sample(model, prompt, token_bytes, config, sample_key)
+        if rank == 0:
+            quit_on_signal(f"while sampling; {path} holds the trained model")
+            # the trained arrays back into the model object: this process's first copy, so it samples on one device
+            nnx.update(model, jax.tree.map(lambda array: array.addressable_data(0), params))
+            sample(model, prompt, token_bytes, config, sample_key)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ if __name__ == "__main__":  # Ctrl-C while the libraries below load (seconds): e
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import argparse
+import atexit
 import contextlib
 import fcntl
 import inspect
@@ -60,6 +61,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
@@ -70,6 +72,8 @@ import torch.nn.functional as F
 class Config:
     data: str = "data/stories.txt"  # a UTF-8 text file (bytes are tokens) or a bpe.py .npy token file
     seed: int = 1337  # seeds the weights, the batches and sampling
+    device: str = "auto"  # cpu, cuda or mps; auto: cuda, then mps, then cpu. torchrun: one process per device
+    dtype: str = "auto"  # float32, or bfloat16 (bfloat16 matmuls, float32 weights); auto: bfloat16 on CUDA GPUs that have it (Ampere and newer), else float32
     vocab_size: int = 256  # set from the data at start (256 for bytes); not a command-line option
     seq_len: int = 128  # tokens per training sequence (no positions: sampling may run past it)
     num_layers: int = 4  # number of Mamba blocks
@@ -196,13 +200,17 @@ def selective_scan(x, dt, A, B, C, D, h, scan):
     zero-order hold's (dt A)^-1 (exp(dt A) - 1) dt B, which the reference uses: the two agree as dt * A -> 0, and the
     simpler one costs no division. x, dt: (batch_size, seq_len, inner_dim); A: (inner_dim, state_dim); B, C:
     (batch_size, seq_len, state_dim); D: (inner_dim,); h: (batch_size, inner_dim, state_dim). Every h_t is held in
-    memory, (batch_size, seq_len, inner_dim, state_dim), which the reference's fused CUDA kernel avoids."""
+    memory, (batch_size, seq_len, inner_dim, state_dim), which the reference's fused CUDA kernel avoids. In float32
+    also with --dtype=bfloat16, as that kernel: bfloat16's 8-bit mantissa would lose the products of many decays and
+    the long sums of the recurrence."""
+    x, B, C = x.float(), B.float(), C.float()  # bfloat16 under autocast (dt, A, D and h are float32 already)
     decay = torch.exp(dt[..., None] * A)  # (batch_size, seq_len, inner_dim, state_dim) A_bar, in (0, 1)
     inputs = (dt * x)[..., None] * B[:, :, None, :]  # (batch_size, seq_len, inner_dim, state_dim) B_bar x
     if h is not None:  # a carried state enters as part of the first input: a_0 h + b_0
         inputs = torch.cat([inputs[:, :1] + decay[:, :1] * h[:, None], inputs[:, 1:]], dim=1)
     states = ParallelScan.apply(decay, inputs) if scan == "parallel" else sequential_scan(decay, inputs)
-    y = (states @ C[..., None]).squeeze(-1)  # (batch_size, seq_len, inner_dim) y_t = C_t . h_t, for each channel
+    with torch.autocast(x.device.type, enabled=False):  # autocast would run this product in bfloat16
+        y = (states @ C[..., None]).squeeze(-1)  # (batch_size, seq_len, inner_dim) y_t = C_t . h_t, for each channel
     return y + D * x, states[:, -1]  # the skip D * x, and h after the last position
 
 
@@ -222,8 +230,10 @@ class CausalConv(nn.Module):
         """x: (batch_size, seq_len, inner_dim); inputs_before: the conv_width - 1 inputs before x (zeros at the start
         of a text). Returns the output, the same shape as x, and the last conv_width - 1 inputs, for the next call."""
         seq_len, conv_width = x.shape[1], self.weight.shape[-1]
+        # in x's dtype (in_proj's): bfloat16 with --dtype=bfloat16, as the reference's nn.Conv1d under autocast
+        weight, bias, inputs_before = (v.type_as(x) for v in (self.weight, self.bias, inputs_before))
         window = torch.cat([inputs_before, x], dim=1)  # (batch_size, conv_width - 1 + seq_len, inner_dim)
-        out = self.bias + sum(window[:, k : k + seq_len] * self.weight[:, 0, k] for k in range(conv_width))
+        out = bias + sum(window[:, k : k + seq_len] * weight[:, 0, k] for k in range(conv_width))
         return out, window[:, seq_len:]  # (batch_size, seq_len, inner_dim), (batch_size, conv_width - 1, inner_dim)
 
 
@@ -270,7 +280,8 @@ class Mixer(nn.Module):
         x = F.silu(x)
         # the selection: the step size dt and the maps B, C are functions of each token
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.state_dim, self.state_dim], dim=-1)  # dt: dt_rank wide
-        dt = F.softplus(self.dt_proj(dt))  # (batch_size, seq_len, inner_dim) Delta > 0: how far this token moves h
+        # Delta > 0: how far this token moves h; in float32 as the scan (the reference's kernel applies the softplus)
+        dt = F.softplus(self.dt_proj(dt).float())  # (batch_size, seq_len, inner_dim)
         A = -torch.exp(self.A_log)  # (inner_dim, state_dim)
         y, h = selective_scan(x, dt, A, B, C, self.D, h, self.scan)  # y: (batch_size, seq_len, inner_dim)
         return self.out_proj(y * F.silu(z)), (inputs_before, h)  # (batch_size, seq_len, model_dim), the new state
@@ -314,7 +325,8 @@ class Mamba(nn.Module):
         logits = F.linear(x, self.token_embedding.weight)  # (batch_size, seq_len, vocab_size)
         if targets is None:
             return logits, None, new_states
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())  # mean over batch_size * seq_len tokens
+        # in float32 also with bfloat16: the log-softmax of many logits needs the precision
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())  # mean over batch_size * seq_len tokens
         return logits, loss, new_states
 
     def step(self, tokens, states):
@@ -406,20 +418,37 @@ def learning_rate_at(step, config):
 
 def make_steps(model, optimizer, config):
     """The train step (one AdamW update at the given learning rate) and the evaluation loss, as functions of
-    numpy batches. The jax twin compiles both; torch runs them eagerly."""
+    numpy batches of batch_size sequences. The jax twin compiles both; torch runs them eagerly. Data parallel
+    (torchrun): each process trains on its slice of the batch, and DistributedDataParallel averages the gradients
+    over the processes during backward, so every process makes the update one process makes on the whole batch."""
+    device = next(model.parameters()).device
+    rank, processes = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rows = slice(rank * config.batch_size // processes, (rank + 1) * config.batch_size // processes)  # this process's
+    # forward_sync_buffers=False: the buffers are constants that every process already holds
+    trained = nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False) if processes > 1 else model
+    # bfloat16: autocast runs matmuls (and what follows them) in bfloat16; weights, gradients and AdamW stay float32
+    autocast = lambda: torch.autocast(device.type, torch.bfloat16, enabled=config.dtype == "bfloat16")
+    to_device = lambda array: torch.from_numpy(array).to(device)
+
     def train_step(x, y, learning_rate):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate
-        _, loss, _ = model(torch.from_numpy(x), torch.from_numpy(y))
+        with autocast():
+            _, loss, _ = trained(to_device(x[rows]), to_device(y[rows]))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
-        return loss.detach()  # the value: its graph is freed
+        loss = loss.detach()  # the value: its graph is freed
+        if processes > 1:  # the mean of the slices' losses: the whole batch's loss, as one process computes it
+            dist.all_reduce(loss)
+            loss = loss / processes
+        return loss
 
     @torch.no_grad()
     def eval_loss(x, y):
-        return model(torch.from_numpy(x), torch.from_numpy(y))[1]
+        with autocast():
+            return model(to_device(x), to_device(y))[1]
 
     return train_step, eval_loss
 
@@ -438,7 +467,7 @@ def checkpoint_arrays(model, optimizer):
     arrays = {f"model.{name}": tensor for name, tensor in model.state_dict().items()}  # views of the weights
     for i, param in enumerate(model.parameters()):
         if not optimizer.state[param]:
-            optimizer.state[param] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(param),
+            optimizer.state[param] = {"step": torch.zeros((), device=param.device), "exp_avg": torch.zeros_like(param),
                                       "exp_avg_sq": torch.zeros_like(param)}
         arrays |= {f"optimizer.{i}.{key}": value for key, value in optimizer.state[param].items()}
     return arrays
@@ -453,7 +482,7 @@ def open_checkpoint(config):
             fail(f"{path} already holds a checkpoint; pass --resume=true to continue it or choose another --out_dir")
         return None
     # tensors and plain types only: loading runs no code
-    checkpoint = read_file(path, lambda f: torch.load(f, weights_only=True), "a checkpoint")
+    checkpoint = read_file(path, lambda f: torch.load(f, map_location="cpu", weights_only=True), "a checkpoint")
     check_meta(path, checkpoint, config)
     return checkpoint
 
@@ -648,11 +677,12 @@ def next_token(model, tokens, states, last, temperature, top_k):
     """One sampling step: the next token's logits, from a whole text (1, length) through the parallel forward pass,
     read at index last, or, given the states before it, from one token (1, 1) through the recurrent step; then draw
     it from softmax(logits / temperature), optionally among the top_k most likely only."""
+    tokens = torch.from_numpy(tokens).to(model.token_embedding.weight.device)  # onto the model's device
     if states is None:
-        logits, _, states = model(torch.from_numpy(tokens))  # (1, length, vocab_size)
+        logits, _, states = model(tokens)  # (1, length, vocab_size)
         logits = logits[0, last]  # (vocab_size,)
     else:
-        logits, states = model.step(torch.from_numpy(tokens[:, 0]), states)  # (1, vocab_size)
+        logits, states = model.step(tokens[:, 0], states)  # (1, vocab_size)
         logits = logits[0]
     logits = logits / temperature
     if top_k > 0:
@@ -695,6 +725,7 @@ MEMORY = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # this machin
 COMMENTS = dict(re.findall(r"^\s+(\w+): .*?#\s*(.*)$", inspect.getsource(Config), re.M))
 
 
+DEVICES, DTYPES = ("auto", "cpu", "cuda", "mps"), ("auto", "float32", "bfloat16")
 # the options that must be at least 1 (checked first, so model_checks divides by none of them)
 POSITIVE = ("seq_len", "num_layers", "model_dim", "state_dim", "conv_width", "expand", "batch_size", "eval_interval",
             "eval_steps", "log_interval")
@@ -768,6 +799,8 @@ def parse_config(argv=None):
         (1e-6 <= config.temperature <= 1e6 and config.top_k >= 0 and config.sample_tokens >= 0,
          "--temperature must be in [1e-6, 1e6], --top_k and --sample_tokens >= 0"),
         (0 <= config.seed < 2**32, f"--seed={config.seed} must be in [0, 2**32)"),
+        (config.device in DEVICES, f"--device={config.device} is unknown; choose one of {', '.join(DEVICES)}"),
+        (config.dtype in DTYPES, f"--dtype={config.dtype} is unknown; choose one of {', '.join(DTYPES)}"),
         (os.path.isfile(config.data), f"data file {config.data} not found; pass --data=PATH (a text file or a .npy)"),
         (not config.prompt or os.path.isfile(config.prompt), f"prompt file {config.prompt} not found; pass an existing "
          f"file (a .npy made by bpe.py, or text with byte data)"),
@@ -781,6 +814,41 @@ def parse_config(argv=None):
         if not ok:
             fail(message)
     return config
+
+
+def start_devices(config):
+    """This process's device and, under torchrun (which sets RANK, LOCAL_RANK and WORLD_SIZE for each of its
+    processes), its rank, once it has joined the others: nccl between GPUs, gloo between CPUs. Settles --device=auto
+    and --dtype=auto, and refuses (exit 2) a device that is not here, bfloat16 where it cannot run, and a batch the
+    processes cannot share evenly. Only the first process (rank 0) prints."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    kind = next(name for name, ok in available.items() if ok) if config.device == "auto" else config.device
+    rank, local_rank, processes = (int(os.environ.get(name, default)) for name, default in
+                                   (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    if not available[kind] or (kind == "cuda" and local_rank >= torch.cuda.device_count()):
+        fail(f"--device={kind}: this machine has {'no' if not available[kind] else 'too few'} {kind} devices for "
+             f"this process; pass --device=cpu, or --device=auto to take the best there is")
+    device = torch.device(kind, local_rank) if kind == "cuda" else torch.device(kind)
+    if config.dtype == "auto":
+        config.dtype = "bfloat16" if kind == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8 else "float32"
+    ones = lambda: torch.ones(2, 2, device=device, dtype=getattr(torch, config.dtype))
+    try:  # bfloat16 needs hardware or kernels the device may lack: try a matmul
+        ones() @ ones()
+    except (RuntimeError, TypeError) as error:
+        fail(f"--dtype={config.dtype} does not run on {kind} here ({str(error)[:100]}); pass --dtype=float32")
+    if config.batch_size % processes:
+        fail(f"--batch_size={config.batch_size} is not divisible by the {processes} processes; pass a multiple")
+    if processes > 1 and kind == "mps":
+        fail("torchrun cannot join mps devices into a process group; run one process, or pass --device=cpu")
+    if processes > 1:
+        if kind == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+        atexit.register(dist.destroy_process_group)
+    if rank:
+        sys.stdout = open(os.devnull, "w")  # the other processes compute, the first one reports
+    print(f"devices: {processes} x {kind}{' (torchrun processes)' if processes > 1 else ''} | {config.dtype}")
+    return device, rank
 
 
 def check_memory(config):
@@ -891,6 +959,15 @@ def read_losses(unchecked, config):
     return losses[-1][1]
 
 
+def stop_together(received):
+    """torchrun: every process receives Ctrl-C, not necessarily during the same step. After each step they share what
+    they received (the largest signal number), so that all of them stop after the same step."""
+    if dist.is_initialized():
+        signum = torch.tensor(received[:1] or [0], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+        received[:] = [int(signum)] if int(signum) else []
+
+
 def quit_on_signal(when):
     """Outside the training loop there is nothing to save: Ctrl-C (SIGINT) or SIGTERM ends the script at once with
     one line and exit status 128 + the signal's number (130, 143). os._exit: no exception unwinds through the
@@ -915,6 +992,7 @@ def stop_on_signal():
 def main(argv=None):
     quit_on_signal("before training; nothing was written")
     config = parse_config(argv)
+    device, rank = start_devices(config)
     train_tokens, val_tokens, token_bytes, floor = load_data(config)
     if config.init_from and len(token_bytes) != config.vocab_size:
         fail(f"{config.data} has a vocabulary of {len(token_bytes)} tokens, {config.init_from} one of "
@@ -924,7 +1002,8 @@ def main(argv=None):
     check_memory(config)  # now that vocab_size is known
     prompt = read_prompt(config, val_tokens, token_bytes)
     tensors = read_pretrained(config.init_from) if config.init_from else None  # memory-mapped: read when copied
-    with locked_out_dir(config) if config.steps else contextlib.nullcontext():  # --steps=0 writes nothing
+    # --steps=0 writes nothing; with several processes, only the first one writes
+    with locked_out_dir(config) if config.steps and rank == 0 else contextlib.nullcontext():
         checkpoint = open_checkpoint(config) if config.steps else None
         torch.manual_seed(config.seed)
         model = Mamba(config)
@@ -932,9 +1011,10 @@ def main(argv=None):
             load_pretrained(model, tensors, config)
             options = pretrained_options(config.init_from).items()  # what --resume=true will need to be told again
             print(f"loaded {config.init_from}: " + " ".join(f"--{k}={v}" for k, v in options if k != "vocab_size"))
+        model.to(device)  # made on the CPU: the same initial weights on every device
         if config.steps == 0:  # only sample from the published model
             quit_on_signal("while sampling")
-            return sample(model, prompt, token_bytes, config)
+            return sample(model, prompt, token_bytes, config) if rank == 0 else None
         optimizer = make_optimizer(model, config)
         data_rng = np.random.default_rng(config.seed)
         start_step = 0
@@ -955,9 +1035,10 @@ def main(argv=None):
         for step in range(start_step, config.steps):
             learning_rate = learning_rate_at(step, config)
             x, y = get_batch(train_tokens, data_rng, config)
-            loss = train_step(x, y, learning_rate)
+            loss = train_step(x, y, learning_rate)  # each process trains on its slice of the batch
             done = step + 1  # steps completed
             unchecked_losses.append((done, loss))
+            stop_together(stop_requested)
             evaluating = done % config.eval_interval == 0 or done == config.steps
             if done % config.log_interval == 0 or evaluating or stop_requested:
                 loss = read_losses(unchecked_losses, config)
@@ -966,25 +1047,31 @@ def main(argv=None):
                 print(f"step {done:5d}/{config.steps} | loss {loss:.4f} | lr {learning_rate:.1e} | "
                       f"{ms:.1f} ms/step | {tokens_per_step / ms:.1f}k tok/s", flush=True)
                 timer, timed_from = time.perf_counter(), done
-            if evaluating:
+            if evaluating and rank == 0:  # the other processes wait for it in the next step's gradient average
                 train_loss, val_loss = (evaluate(eval_loss, split, config)
                                         for split in (train_tokens, val_tokens))
                 stop_if_diverged(done, config, train_loss=train_loss, val_loss=val_loss)
                 bpb = val_loss / math.log(2) * tokens_per_byte
                 print(f"eval step {done:5d} | train {train_loss:.4f} | val {val_loss:.4f} | val bpb {bpb:.3f}"
                       + (f" | floor {floor:.3f}" if floor is not None else ""), flush=True)
-            if evaluating or stop_requested:
+            if (evaluating or stop_requested) and rank == 0:
                 weight_norm = float(torch.nn.utils.get_total_norm(model.parameters()))
                 stop_if_diverged(done, config, weight_norm=weight_norm)
                 path = save_checkpoint(model, optimizer, done, data_rng, config)
                 timer, timed_from = time.perf_counter(), done  # keep evaluation and saving out of ms/step
             if stop_requested:
-                then = "continue with --resume=true" if done < config.steps else "training is complete"
-                tell(f"stopped by {signal.Signals(stop_requested[0]).name}: saved step {done} to {path}; {then}")
+                if rank == 0:
+                    then = "continue with --resume=true" if done < config.steps else "training is complete"
+                    tell(f"stopped by {signal.Signals(stop_requested[0]).name}: saved step {done} to {path}; {then}")
+                if dist.is_initialized():
+                    dist.barrier()  # no process ends before the first one has saved
                 sys.exit(128 + stop_requested[0])
 
-        quit_on_signal(f"while sampling; {path} holds the trained model")
-        sample(model, prompt, token_bytes, config)
+        if dist.is_initialized():
+            dist.barrier()  # no process ends (and leaves the process group) before the first one has saved
+        if rank == 0:
+            quit_on_signal(f"while sampling; {path} holds the trained model")
+            sample(model, prompt, token_bytes, config)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ if __name__ == "__main__":  # Ctrl-C while the libraries below load (seconds): e
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import argparse
+import atexit
 import contextlib
 import fcntl
 import inspect
@@ -46,6 +47,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
@@ -56,6 +58,8 @@ import torch.nn.functional as F
 class Config:
     data: str = "data/stories.txt"  # a UTF-8 text file (bytes are tokens) or a bpe.py .npy token file
     seed: int = 1337  # seeds the weights, the batches and sampling
+    device: str = "auto"  # cpu, cuda or mps; auto: cuda, then mps, then cpu. torchrun: one process per device
+    dtype: str = "auto"  # float32, or bfloat16 (bfloat16 matmuls, float32 weights); auto: bfloat16 on CUDA GPUs that have it (Ampere and newer), else float32
     vocab_size: int = 256  # set from the data at start (256 for bytes); not a command-line option
     seq_len: int = 128  # tokens per training sequence; also RoPE's original context, unless original_len is set
     num_layers: int = 4  # number of transformer blocks
@@ -218,6 +222,8 @@ class Attention(nn.Module):
             query, key = self.query_norm(query), self.key_norm(key)
         query, key, value = (t.transpose(1, 2) for t in (query, key, value))  # (batch_size, heads, seq_len, head_dim)
         query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
+        # RoPE ran in float32 (the tables' dtype, as in Meta's code); the attention's matmuls run in value's dtype
+        query, key = query.type_as(value), key.type_as(value)
         if cache is not None:  # write these positions' keys and values, then attend over all slots written so far
             cache[0][:, :, position : position + seq_len] = key  # (batch_size, num_kv_heads, max_len, head_dim)
             cache[1][:, :, position : position + seq_len] = value
@@ -290,7 +296,7 @@ class SparseMoE(nn.Module):
         super().__init__()
         self.num_experts, self.experts_per_token = config.num_experts, config.experts_per_token
         self.normalize_top_k = config.normalize_top_k
-        self.router = nn.Linear(config.model_dim, config.num_experts, bias=False)
+        self.router = nn.Linear(config.model_dim, config.num_experts, bias=False)  # float32 also in bfloat16: see route
         self.experts = Experts(config)
         shared_dim = config.num_shared_experts * config.expert_ffn_dim  # Qwen2-MoE: the shared experts as one SwiGLU
         self.shared = SwiGLU(config.model_dim, shared_dim) if shared_dim else None
@@ -300,7 +306,8 @@ class SparseMoE(nn.Module):
         """The router's logits and probabilities (softmax over all experts, in float32 as Mixtral's reference does:
         small differences in the logits decide which experts run), each token's chosen experts (top
         experts_per_token) and their weights. expert_bias (balance=bias) shifts the choice only, never the weights."""
-        logits = self.router(x).float()  # (tokens, num_experts)
+        with torch.autocast(x.device.type, enabled=False):  # float32 also under bfloat16 autocast, as all below
+            logits = self.router(x.float())  # (tokens, num_experts)
         probs = F.softmax(logits, dim=-1)
         chosen = torch.topk(probs + expert_bias, self.experts_per_token, dim=-1).indices  # (tokens, experts_per_token)
         weights = probs.gather(-1, chosen)  # (tokens, experts_per_token) the chosen experts' probabilities
@@ -319,13 +326,13 @@ class SparseMoE(nn.Module):
         counts = torch.bincount(expert, minlength=self.num_experts).tolist()  # rows per expert
         rows = x.index_select(0, token).split(counts)  # num_experts slices, (count, model_dim) each
         out = torch.cat(self.experts(rows, range(self.num_experts)))  # (assignments, model_dim)
-        out = out * weights.flatten().index_select(0, order)[:, None].to(x.dtype)
+        out = out * weights.flatten().index_select(0, order)[:, None].to(x.dtype)  # x's dtype, as index_add needs
         return torch.zeros_like(x).index_add(0, token, out)  # (tokens, model_dim): each token's weighted sum
 
     def dense_experts(self, x, chosen, weights):
         """The reference path, for the tests and for reading: every expert on every token, weighted by a mask that
         holds the chosen experts' weights and 0 elsewhere. num_experts / experts_per_token times the work."""
-        mask = torch.zeros(x.shape[0], self.num_experts).scatter(1, chosen, weights)  # (tokens, num_experts)
+        mask = torch.zeros(x.shape[0], self.num_experts, device=x.device).scatter(1, chosen, weights)  # (tokens, ..)
         out = torch.stack(self.experts([x] * self.num_experts, range(self.num_experts)), dim=1)  # (tokens, experts, ..)
         return (mask[..., None].to(x.dtype) * out).sum(1)  # (tokens, model_dim)
 
@@ -392,7 +399,8 @@ class MoE(nn.Module):
         # causal mask, which F.scaled_dot_product_attention applies itself; one token sees all keys: no mask either
         mask = None
         if position > 0 and seq_len > 1:  # a chunk after cached tokens
-            mask = torch.arange(position + seq_len) <= position + torch.arange(seq_len)[:, None]  # (seq_len, num_keys)
+            mask = (torch.arange(position + seq_len, device=tokens.device)
+                    <= position + torch.arange(seq_len, device=tokens.device)[:, None])  # (seq_len, num_keys)
         x = self.token_embedding(tokens)  # (batch_size, seq_len, model_dim)
         stats = []
         for layer, block in enumerate(self.blocks):
@@ -405,14 +413,16 @@ class MoE(nn.Module):
         logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.token_embedding.weight)
         if targets is None:
             return logits, None, router_stats  # (batch_size, seq_len, vocab_size)
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())  # mean over batch_size * seq_len tokens
+        # in float32 also with --dtype=bfloat16: the log-softmax of many logits needs the precision
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())  # mean over batch_size * seq_len tokens
         return logits, loss, router_stats
 
     def new_cache(self, batch_size, length):
         """One [key, value] pair per layer, preallocated for length (at most max_len) positions: appending never
         reallocates."""
         shape = (batch_size, self.num_kv_heads, length, self.head_dim)
-        return [[torch.zeros(shape), torch.zeros(shape)] for _ in self.blocks]
+        zeros = lambda: torch.zeros(shape, device=self.cos.device)  # the model's device; float32, as sampling runs
+        return [[zeros(), zeros()] for _ in self.blocks]
 
 
 # -----------------------------------------------------------------------------
@@ -503,15 +513,31 @@ def bias_update(load, config):
 
 def make_steps(model, optimizer, config):
     """The train step (one AdamW update at the given learning rate; with balance=bias, then one update of the
-    expert biases) and the evaluation loss, as functions of numpy batches. The objective is the language model's
-    loss plus the weighted z-loss, plus the weighted auxiliary loss with balance=aux_loss; the step returns the
-    language model's loss and (aux_loss, z_loss), the auxiliary loss measured in either mode. The jax twin
-    compiles both functions; torch runs them eagerly."""
+    expert biases) and the evaluation loss, as functions of numpy batches of batch_size sequences. The objective is
+    the language model's loss plus the weighted z-loss, plus the weighted auxiliary loss with balance=aux_loss; the
+    step returns the language model's loss and (aux_loss, z_loss), the auxiliary loss measured in either mode. The
+    jax twin compiles both functions; torch runs them eagerly. Data parallel (torchrun): each process trains on its
+    slice of the batch, and DistributedDataParallel averages the gradients over the processes during backward, so
+    every process makes the update one process makes on the whole batch (with balance=aux_loss, nearly: see below)."""
+    device = next(model.parameters()).device
+    rank, processes = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rows = slice(rank * config.batch_size // processes, (rank + 1) * config.batch_size // processes)  # this process's
+    # forward_sync_buffers=False: the RoPE tables are constants, and every process moves its expert biases by the
+    # same update (the loads summed over the processes, below). Every expert's weights get a gradient at every step
+    # (Experts runs each one, on no rows if no token chose it: a zero gradient), so no find_unused_parameters
+    trained = nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False) if processes > 1 else model
+    # bfloat16: autocast runs matmuls (and what follows them) in bfloat16; weights, gradients and AdamW stay float32
+    autocast = lambda: torch.autocast(device.type, torch.bfloat16, enabled=config.dtype == "bfloat16")
+    to_device = lambda array: torch.from_numpy(array).to(device)
+
     def train_step(x, y, learning_rate):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate
-        _, loss, (load, aux_loss, z_loss) = model(torch.from_numpy(x), torch.from_numpy(y))
+        with autocast():
+            _, loss, (load, aux_loss, z_loss) = trained(to_device(x[rows]), to_device(y[rows]))
         objective = loss + config.z_loss_weight * z_loss
+        # with several processes, each one's aux_loss is its slice's (as Megatron-LM and DeepSpeed): a product of
+        # the slice's statistics, so their mean is near the whole batch's, not equal to it
         if config.balance == "aux_loss":
             objective = objective + config.aux_loss_weight * aux_loss
         optimizer.zero_grad(set_to_none=True)
@@ -519,12 +545,19 @@ def make_steps(model, optimizer, config):
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         if config.balance == "bias":
+            if processes > 1:  # the whole batch's loads: every process moves its biases as one process would
+                dist.all_reduce(load)
             model.expert_bias += bias_update(load, config)  # a buffer, outside autograd
-        return loss.detach(), torch.stack([aux_loss, z_loss]).detach()  # the values: the graph is freed
+        values = torch.stack([loss, aux_loss, z_loss]).detach()  # the values: the graph is freed
+        if processes > 1:  # the mean of the slices' values: the whole batch's loss, as one process computes it
+            dist.all_reduce(values)
+            values = values / processes
+        return values[0], values[1:]
 
     @torch.no_grad()
     def eval_loss(x, y):
-        _, loss, (load, _, _) = model(torch.from_numpy(x), torch.from_numpy(y))
+        with autocast():
+            _, loss, (load, _, _) = model(to_device(x), to_device(y))
         return loss, load
 
     return train_step, eval_loss
@@ -536,7 +569,7 @@ def evaluate(eval_loss, tokens, config):
     them, (num_layers, num_experts)."""
     rng = np.random.default_rng(config.seed + 1)
     losses, loads = zip(*(eval_loss(*get_batch(tokens, rng, config)) for _ in range(config.eval_steps)))
-    return float(np.mean([float(loss) for loss in losses])), np.sum([np.asarray(load) for load in loads], axis=0)
+    return float(np.mean([float(loss) for loss in losses])), np.sum([np.asarray(load.cpu()) for load in loads], axis=0)
 
 
 def checkpoint_arrays(model, optimizer):
@@ -545,7 +578,7 @@ def checkpoint_arrays(model, optimizer):
     arrays = {f"model.{name}": tensor for name, tensor in model.state_dict().items()}  # views of the weights
     for i, param in enumerate(model.parameters()):
         if not optimizer.state[param]:
-            optimizer.state[param] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(param),
+            optimizer.state[param] = {"step": torch.zeros((), device=param.device), "exp_avg": torch.zeros_like(param),
                                       "exp_avg_sq": torch.zeros_like(param)}
         arrays |= {f"optimizer.{i}.{key}": value for key, value in optimizer.state[param].items()}
     return arrays
@@ -560,7 +593,7 @@ def open_checkpoint(config):
             fail(f"{path} already holds a checkpoint; pass --resume=true to continue it or choose another --out_dir")
         return None
     # tensors and plain types only: loading runs no code
-    checkpoint = read_file(path, lambda f: torch.load(f, weights_only=True), "a checkpoint")
+    checkpoint = read_file(path, lambda f: torch.load(f, map_location="cpu", weights_only=True), "a checkpoint")
     check_meta(path, checkpoint, config)
     return checkpoint
 
@@ -834,7 +867,8 @@ def sample(model, prompt, token_bytes, config):
 def next_token(model, tokens, cache, position, last, temperature, top_k):
     """One sampling step: run tokens (at positions position, ...) through the model, then draw the next token from
     softmax(logits / temperature) at index last, optionally among the top_k most likely only."""
-    logits, _, _ = model(torch.from_numpy(tokens), cache=cache, position=position)  # (1, len(tokens), vocab_size)
+    tokens = torch.from_numpy(tokens).to(model.cos.device)  # (1, len(tokens)), where the model is
+    logits, _, _ = model(tokens, cache=cache, position=position)  # (1, len(tokens), vocab_size)
     logits = logits[0, last] / temperature  # (vocab_size,)
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[-1]
@@ -878,6 +912,7 @@ MEMORY = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # this machin
 COMMENTS = dict(re.findall(r"^\s+(\w+): .*?#\s*(.*)$", inspect.getsource(Config), re.M))
 
 
+DEVICES, DTYPES = ("auto", "cpu", "cuda", "mps"), ("auto", "float32", "bfloat16")
 # the options that must be at least 1 (checked first, so model_checks divides by none of them)
 POSITIVE = ("seq_len", "num_layers", "num_heads", "num_kv_heads", "model_dim", "num_experts", "experts_per_token",
             "expert_ffn_dim", "batch_size", "eval_interval", "eval_steps", "log_interval")
@@ -978,6 +1013,8 @@ def parse_config(argv=None):
         (1e-6 <= config.temperature <= 1e6 and config.top_k >= 0 and config.sample_tokens >= 0,
          "--temperature must be in [1e-6, 1e6], --top_k and --sample_tokens >= 0"),
         (0 <= config.seed < 2**32, f"--seed={config.seed} must be in [0, 2**32)"),
+        (config.device in DEVICES, f"--device={config.device} is unknown; choose one of {', '.join(DEVICES)}"),
+        (config.dtype in DTYPES, f"--dtype={config.dtype} is unknown; choose one of {', '.join(DTYPES)}"),
         (os.path.isfile(config.data), f"data file {config.data} not found; pass --data=PATH (a text file or a .npy)"),
         (not config.prompt or os.path.isfile(config.prompt), f"prompt file {config.prompt} not found; pass an existing "
          f"file (a .npy made by bpe.py, or text with byte data)"),
@@ -991,6 +1028,41 @@ def parse_config(argv=None):
         if not ok:
             fail(message)
     return config
+
+
+def start_devices(config):
+    """This process's device and, under torchrun (which sets RANK, LOCAL_RANK and WORLD_SIZE for each of its
+    processes), its rank, once it has joined the others: nccl between GPUs, gloo between CPUs. Settles --device=auto
+    and --dtype=auto, and refuses (exit 2) a device that is not here, bfloat16 where it cannot run, and a batch the
+    processes cannot share evenly. Only the first process (rank 0) prints."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    kind = next(name for name, ok in available.items() if ok) if config.device == "auto" else config.device
+    rank, local_rank, processes = (int(os.environ.get(name, default)) for name, default in
+                                   (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    if not available[kind] or (kind == "cuda" and local_rank >= torch.cuda.device_count()):
+        fail(f"--device={kind}: this machine has {'no' if not available[kind] else 'too few'} {kind} devices for "
+             f"this process; pass --device=cpu, or --device=auto to take the best there is")
+    device = torch.device(kind, local_rank) if kind == "cuda" else torch.device(kind)
+    if config.dtype == "auto":
+        config.dtype = "bfloat16" if kind == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8 else "float32"
+    ones = lambda: torch.ones(2, 2, device=device, dtype=getattr(torch, config.dtype))
+    try:  # bfloat16 needs hardware or kernels the device may lack: try a matmul
+        ones() @ ones()
+    except (RuntimeError, TypeError) as error:
+        fail(f"--dtype={config.dtype} does not run on {kind} here ({str(error)[:100]}); pass --dtype=float32")
+    if config.batch_size % processes:
+        fail(f"--batch_size={config.batch_size} is not divisible by the {processes} processes; pass a multiple")
+    if processes > 1 and kind == "mps":
+        fail("torchrun cannot join mps devices into a process group; run one process, or pass --device=cpu")
+    if processes > 1:
+        if kind == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+        atexit.register(dist.destroy_process_group)
+    if rank:
+        sys.stdout = open(os.devnull, "w")  # the other processes compute, the first one reports
+    print(f"devices: {processes} x {kind}{' (torchrun processes)' if processes > 1 else ''} | {config.dtype}")
+    return device, rank
 
 
 def check_memory(config):
@@ -1094,6 +1166,15 @@ def read_losses(unchecked, config):
     return losses[-1][1]
 
 
+def stop_together(received):
+    """torchrun: every process receives Ctrl-C, not necessarily during the same step. After each step they share what
+    they received (the largest signal number), so that all of them stop after the same step."""
+    if dist.is_initialized():
+        signum = torch.tensor(received[:1] or [0], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+        received[:] = [int(signum)] if int(signum) else []
+
+
 def quit_on_signal(when):
     """Outside the training loop there is nothing to save: Ctrl-C (SIGINT) or SIGTERM ends the script at once with
     one line and exit status 128 + the signal's number (130, 143). os._exit: no exception unwinds through the
@@ -1118,6 +1199,7 @@ def stop_on_signal():
 def main(argv=None):
     quit_on_signal("before training; nothing was written")
     config = parse_config(argv)
+    device, rank = start_devices(config)
     train_tokens, val_tokens, token_bytes, floor = load_data(config)
     if config.init_from and len(token_bytes) != config.vocab_size:
         fail(f"{config.data} has a vocabulary of {len(token_bytes)} tokens, {config.init_from} one of "
@@ -1127,7 +1209,8 @@ def main(argv=None):
     check_memory(config)  # now that vocab_size is known
     prompt = read_prompt(config, val_tokens, token_bytes)
     tensors = read_pretrained(config.init_from) if config.init_from else None  # memory-mapped: read when copied
-    with locked_out_dir(config) if config.steps else contextlib.nullcontext():  # --steps=0 writes nothing
+    # --steps=0 writes nothing; with several processes, only the first one writes
+    with locked_out_dir(config) if config.steps and rank == 0 else contextlib.nullcontext():
         checkpoint = open_checkpoint(config) if config.steps else None
         torch.manual_seed(config.seed)
         model = MoE(config)
@@ -1135,9 +1218,10 @@ def main(argv=None):
             load_pretrained(model, tensors, config)
             options = pretrained_options(config.init_from).items()  # what --resume=true will need to be told again
             print(f"loaded {config.init_from}: " + " ".join(f"--{k}={v}" for k, v in options if k != "vocab_size"))
+        model.to(device)  # made on the CPU: the same initial weights on every device
         if config.steps == 0:  # only sample from the published model
             quit_on_signal("while sampling")
-            return sample(model, prompt, token_bytes, config)
+            return sample(model, prompt, token_bytes, config) if rank == 0 else None
         optimizer = make_optimizer(model, config)
         data_rng = np.random.default_rng(config.seed)
         start_step = 0
@@ -1161,9 +1245,10 @@ def main(argv=None):
         for step in range(start_step, config.steps):
             learning_rate = learning_rate_at(step, config)
             x, y = get_batch(train_tokens, data_rng, config)
-            loss, balance = train_step(x, y, learning_rate)
+            loss, balance = train_step(x, y, learning_rate)  # each process trains on its slice of the batch
             done = step + 1  # steps completed
             unchecked_losses.append((done, loss))
+            stop_together(stop_requested)
             evaluating = done % config.eval_interval == 0 or done == config.steps
             if done % config.log_interval == 0 or evaluating or stop_requested:
                 loss = read_losses(unchecked_losses, config)
@@ -1173,7 +1258,7 @@ def main(argv=None):
                 print(f"step {done:5d}/{config.steps} | loss {loss:.4f} | aux {aux_loss:.3f} | z {z_loss:.3f} | "
                       f"lr {learning_rate:.1e} | {ms:.1f} ms/step | {tokens_per_step / ms:.1f}k tok/s", flush=True)
                 timer, timed_from = time.perf_counter(), done
-            if evaluating:
+            if evaluating and rank == 0:  # the other processes wait for it in the next step's gradient average
                 (train_loss, _), (val_loss, load) = (evaluate(eval_loss, split, config)
                                                      for split in (train_tokens, val_tokens))
                 stop_if_diverged(done, config, train_loss=train_loss, val_loss=val_loss)
@@ -1182,18 +1267,24 @@ def main(argv=None):
                 print(f"eval step {done:5d} | train {train_loss:.4f} | val {val_loss:.4f} | val bpb {bpb:.3f}"
                       + (f" | floor {floor:.3f}" if floor is not None else "") + " | load "
                       + " ".join(f"{row.min():.2f}x-{row.max():.2f}x" for row in share), flush=True)
-            if evaluating or stop_requested:
+            if (evaluating or stop_requested) and rank == 0:
                 weight_norm = float(torch.nn.utils.get_total_norm(model.parameters()))
                 stop_if_diverged(done, config, weight_norm=weight_norm)
                 path = save_checkpoint(model, optimizer, done, data_rng, config)
                 timer, timed_from = time.perf_counter(), done  # keep evaluation and saving out of ms/step
             if stop_requested:
-                then = "continue with --resume=true" if done < config.steps else "training is complete"
-                tell(f"stopped by {signal.Signals(stop_requested[0]).name}: saved step {done} to {path}; {then}")
+                if rank == 0:
+                    then = "continue with --resume=true" if done < config.steps else "training is complete"
+                    tell(f"stopped by {signal.Signals(stop_requested[0]).name}: saved step {done} to {path}; {then}")
+                if dist.is_initialized():
+                    dist.barrier()  # no process ends before the first one has saved
                 sys.exit(128 + stop_requested[0])
 
-        quit_on_signal(f"while sampling; {path} holds the trained model")
-        sample(model, prompt, token_bytes, config)
+        if dist.is_initialized():
+            dist.barrier()  # no process ends (and leaves the process group) before the first one has saved
+        if rank == 0:
+            quit_on_signal(f"while sampling; {path} holds the trained model")
+            sample(model, prompt, token_bytes, config)
 
 
 if __name__ == "__main__":

@@ -214,7 +214,9 @@ def mistakes_every_script_refuses(tmp):
         (["--steps=0"], "--init_from"),  # only sampling needs a model to sample from
         (["--prompt=/no/such/prompt.txt"], "/no/such/prompt.txt"),
         ([f"--prompt={tmp}/prompt.x.npy"], "not in the vocabulary"),  # the data are bytes
-    ]
+        (["--device=tpu"], "--device=tpu is unknown"),
+        (["--dtype=float16"], "--dtype=float16 is unknown"),
+    ] + ([(["--device=cuda"], "--device=cuda")] if not torch.cuda.is_available() else [])  # a device not here
 
 
 def assert_cli_refuses(modules, family_cases, user_runs):
@@ -2435,6 +2437,188 @@ def test_mamba_resume_equals_uninterrupted():
                                  ("--expand=1", "expand=2, not 1"), ("--dt_rank=3", "dt_rank=0, not 3")):
                 assert_refused(module, part + [option], word, run)
             assert "resuming from step 12" in run_main(module, part + ["--scan=sequential", "--seq_len=8"])
+
+
+# -----------------------------------------------------------------------------
+# Devices: torchrun's processes, a jax mesh of devices, bfloat16
+
+
+SPY = """import sys
+sys.path.insert(0, {root!r})
+import {name} as script
+read = script.read_losses
+def read_losses(unchecked, config):  # every step's loss at full precision, before the script reads it
+    for step, loss in unchecked:
+        print("exact loss", step, repr(float(loss)), flush=True)
+    return read(unchecked, config)
+script.read_losses = read_losses
+"""
+
+
+@contextlib.contextmanager
+def spying_on_losses(module):
+    """In this process, as SPY does in another: module's main prints each step's loss at full precision."""
+    namespace = {}
+    exec(SPY.format(root=ROOT, name=module.__name__), namespace)
+    try:
+        yield
+    finally:
+        module.read_losses = namespace["read"]
+
+
+def exact_losses(stdout):
+    return {int(step): float(loss) for step, loss in re.findall(r"^exact loss (\d+) (\S+)$", stdout, re.M)}
+
+
+def assert_close_losses(first, second, rtol=1e-5):
+    assert first.keys() == second.keys() and first, (first, second)
+    assert all(abs(first[step] - second[step]) <= rtol * abs(first[step]) for step in first), (first, second)
+
+
+def assert_close_checkpoints(first, second, rtol=1e-4, atol=1e-4):
+    """Two torch checkpoints hold the same arrays up to float32 rounding noise (Adam's update divides by the root of
+    its second moment, which magnifies the noise of near-zero gradients, such as the key bias's, to ~lr / 10)."""
+    a, b = (torch.load(path, weights_only=True) for path in (first, second))
+    assert a.keys() == b.keys()
+    for name in a:
+        if isinstance(a[name], torch.Tensor) and name != "torch_rng":
+            assert torch.allclose(a[name], b[name], rtol=rtol, atol=atol), (name, (a[name] - b[name]).abs().max())
+
+
+def assert_torchrun_equals_one_process(module, resume_under_torchrun):
+    """torchrun with 2 processes (gloo on the CPU), each training on half of the global batch of 4, computes the
+    per-step losses of one process on the whole batch (1e-5 relative); only rank 0 prints. A checkpoint crosses over:
+    one process's run of 2 steps resumed under torchrun, or the other way round, ends at step 4 with the losses and
+    arrays of one uninterrupted process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        args = [f"--data={write_tiny_corpus(tmp)}", *TINY, "--learning_rate=3e-3", "--min_learning_rate=3e-3"]
+        with open(f"{tmp}/spy.py", "w") as f:
+            f.write(SPY.format(root=ROOT, name=module.__name__) + "script.main(sys.argv[1:])\n")
+
+        def torchrun(*more):
+            result = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", f"{tmp}/spy.py", *args, *more],
+                                    cwd=ROOT, capture_output=True, text=True, timeout=120,
+                                    env=dict(os.environ, OMP_NUM_THREADS="1"))
+            assert result.returncode == 0, result.stderr[-3000:]
+            assert result.stdout.count("devices: 2 x cpu (torchrun processes) | float32\n") == 1, result.stdout
+            assert len(re.findall(r"^step +\d+/", result.stdout, re.M)) == 2, result.stdout  # rank 0's lines only
+            return result.stdout
+
+        with spying_on_losses(module):
+            whole = exact_losses(run_main(module, args + [f"--out_dir={tmp}/one", "--steps=4"]))
+            if resume_under_torchrun:
+                first = run_main(module, args + [f"--out_dir={tmp}/two", "--steps=2"])
+                second = torchrun(f"--out_dir={tmp}/two", "--steps=4", "--resume=true")
+            else:
+                first = torchrun(f"--out_dir={tmp}/two", "--steps=2")
+                second = run_main(module, args + [f"--out_dir={tmp}/two", "--steps=4", "--resume=true"])
+        assert "resuming from step 2" in second
+        assert_close_losses(whole, exact_losses(first) | exact_losses(second))
+        assert_close_checkpoints(f"{tmp}/one/{module.CHECKPOINT}", f"{tmp}/two/{module.CHECKPOINT}")
+
+
+def test_gpt_torchrun_equals_one_process():
+    assert_torchrun_equals_one_process(gpt_torch, resume_under_torchrun=False)
+    with tempfile.TemporaryDirectory() as tmp:  # a global batch the processes cannot share: refused before any work
+        os.environ.update(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0")
+        try:
+            assert_refused(gpt_torch, [f"--data={write_tiny_corpus(tmp)}", f"--out_dir={tmp}/out", *TINY,
+                                       "--batch_size=3"], "not divisible by the 2 processes", tmp)
+        finally:
+            for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+                del os.environ[name]
+
+
+def test_llama_torchrun_equals_one_process():
+    assert_torchrun_equals_one_process(llama_torch, resume_under_torchrun=True)
+
+
+
+def assert_bfloat16_close_to_float32(build_pair, **overrides):
+    """One forward pass of a tiny model (build_pair's, with overrides) in --dtype=bfloat16's arithmetic: torch under
+    autocast, jax with its layers' bfloat16 computation dtype. The logits of both stay within 5% of the float32
+    logits' scale, but differ from them (bfloat16 really ran), and the losses come out in float32."""
+    torch_model, jax_model = build_pair(dict(overrides, dtype="bfloat16"))  # torch's model ignores dtype: autocast
+    tokens = np.random.default_rng(0).integers(0, 61, size=(2, 16))
+    x, y = tokens, np.roll(tokens, -1, axis=1)
+    with torch.no_grad():
+        float32_logits = torch_model(torch.from_numpy(x))[0].numpy()
+        with torch.autocast("cpu", torch.bfloat16):
+            torch_out = torch_model(torch.from_numpy(x), torch.from_numpy(y))
+    jax_out = jax_forward(jax_model, jnp.asarray(x), jnp.asarray(y))
+    assert torch_out[1].dtype == torch.float32 and jax_out[1].dtype == jnp.float32
+    scale = np.abs(float32_logits).max()
+    for logits in (torch_out[0].float().numpy(), np.asarray(jax_out[0], np.float32)):
+        assert 1e-4 * scale < np.abs(logits - float32_logits).max() < 0.05 * scale, np.abs(logits - float32_logits).max()
+
+
+def test_gpt_bfloat16_forward_close_to_float32():
+    assert_bfloat16_close_to_float32(build_pair, position_embedding="alibi")  # ALiBi's bias: a float mask in attention
+
+
+def test_llama_bfloat16_forward_close_to_float32():
+    assert_bfloat16_close_to_float32(build_llama_pair)
+
+
+def test_moe_bfloat16_forward_close_to_float32():
+    assert_bfloat16_close_to_float32(build_moe_pair, num_shared_experts=1)
+
+
+def test_mamba_bfloat16_forward_close_to_float32():
+    assert_bfloat16_close_to_float32(build_mamba_pair)
+
+MESH_RUN = SPY + """import json
+import jax
+shards = []
+shard_batch = script.shard_batch
+def spy_on_shards(batch, mesh):  # which rows of the batch each device holds
+    array = shard_batch(batch, mesh)
+    shards.append(sorted((shard.index[0].start, shard.index[0].stop, shard.device.id)
+                         for shard in array.addressable_shards))
+    return array
+script.shard_batch = spy_on_shards
+script.main(sys.argv[1:])
+try:
+    script.main(sys.argv[1:-1] + ["--batch_size=3", "--out_dir=" + sys.argv[-1][len("--out_dir="):] + "3"])
+except SystemExit as exit:
+    print(json.dumps({{"devices": jax.device_count(), "shards": shards, "exit": exit.code}}))
+"""
+
+
+def test_gpt_jax_mesh_equals_one_device():
+    """Data parallel, jax: with 2 (simulated) CPU devices, every batch the train step and the evaluation get is split
+    by rows, half on each device, and the losses equal one device's (1e-5 relative); a batch of 3 is refused."""
+    with tempfile.TemporaryDirectory() as tmp:
+        args = [f"--data={write_tiny_corpus(tmp)}", *TINY, "--steps=3", "--eval_steps=2"]
+        with open(f"{tmp}/mesh.py", "w") as f:
+            f.write(MESH_RUN.format(root=ROOT, name="gpt_jax"))
+        flags = os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2"
+        result = subprocess.run([sys.executable, f"{tmp}/mesh.py", *args, f"--out_dir={tmp}/two"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=120, env=dict(os.environ, XLA_FLAGS=flags))
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "devices: 2 x cpu (mesh axis data) | float32" in result.stdout, result.stdout
+        report = json.loads(result.stdout.splitlines()[-1])
+        assert report["devices"] == 2 and report["exit"] == 2 and "not divisible by the 2 devices" in result.stderr
+        assert len(report["shards"]) == 2 * (3 + 2 * 2), report  # x and y of 3 steps and of 2 batches per split
+        assert all(shards == [[0, 2, 0], [2, 4, 1]] for shards in report["shards"]), report["shards"]
+        with spying_on_losses(gpt_jax):
+            one = exact_losses(run_main(gpt_jax, args + [f"--out_dir={tmp}/one"]))
+        assert_close_losses(one, exact_losses(result.stdout))
+
+
+def test_gpt_bfloat16_trains_close_to_float32():
+    """--dtype=bfloat16 on the CPU, both frameworks: the loss falls as in float32 and ends within 3% of it, but not
+    equal to it (the matmuls really ran in bfloat16)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        args = [f"--data={write_tiny_corpus(tmp)}", *TINY, "--steps=30", "--log_interval=5", "--learning_rate=1e-2"]
+        runs = {(module, dtype): run_main(module, args + [f"--out_dir={tmp}/{module.__name__}_{dtype}", f"--dtype={dtype}"])
+                for module, dtype in ((gpt_torch, "float32"), (gpt_torch, "bfloat16"), (gpt_jax, "bfloat16"))}
+        float32 = parse_losses(runs[gpt_torch, "float32"])  # jax's float32 losses are torch's: see the tests above
+        for module in (gpt_torch, gpt_jax):
+            assert "| bfloat16\n" in runs[module, "bfloat16"]
+            bfloat16 = parse_losses(runs[module, "bfloat16"])
+            assert bfloat16[-1] < bfloat16[0] - 1.0 and bfloat16 != float32, (module.__name__, bfloat16, float32)
+            assert abs(bfloat16[-1] - float32[-1]) < 0.03 * float32[-1], (module.__name__, bfloat16, float32)
 
 
 # -----------------------------------------------------------------------------
