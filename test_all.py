@@ -71,6 +71,13 @@ FLOOR = os.path.join(ROOT, "data", "stories.txt.floor.json")
 ONE_DEVICE = jax.sharding.Mesh(jax.devices()[:1], ("data",))  # the jax scripts' mesh on one device
 
 
+def on_mesh(*trees):
+    """The arrays replicated on ONE_DEVICE's mesh, where the jax scripts' main puts the weights and optimizer state
+    before training: the train step then compiles once (its outputs' type carries the mesh, and a first call with
+    arrays of another type would compile it twice)."""
+    return jax.device_put(trees, jax.sharding.NamedSharding(ONE_DEVICE, jax.sharding.PartitionSpec()))
+
+
 def run_script(*args, timeout=120):
     """Run a project script as a user would (from the repo root); returns the CompletedProcess."""
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
@@ -559,8 +566,7 @@ def test_gpt_training_steps_match_across_frameworks():
     torch_step, _ = gpt_torch.make_steps(torch_model, gpt_torch.make_optimizer(torch_model, config), config)
     jax_optimizer = gpt_jax.make_optimizer(tiny_config(gpt_jax, **overrides))
     graphdef, state = nnx.split(jax_model)
-    params = nnx.to_pure_dict(state)
-    opt_state = jax_optimizer.init(params)
+    params, opt_state = on_mesh(nnx.to_pure_dict(state), jax_optimizer.init(nnx.to_pure_dict(state)))
     jax_step, _ = gpt_jax.make_steps(graphdef, jax_optimizer, jax.random.key(0), ONE_DEVICE)
     rng = np.random.default_rng(3)
     for step in range(3):
@@ -686,7 +692,7 @@ def test_gpt_jax_checkpoint_resume_equals_uninterrupted():
         def fresh():
             graphdef, state = nnx.split(gpt_jax.GPT(config, nnx.Rngs(0)))
             params = nnx.to_pure_dict(state)
-            return graphdef, params, optimizer.init(params)
+            return graphdef, *on_mesh(params, optimizer.init(params))
 
         def train(params, opt_state, rng, steps):
             losses = []
@@ -708,7 +714,7 @@ def test_gpt_jax_checkpoint_resume_equals_uninterrupted():
         _, params, opt_state = fresh()
         rng = np.random.default_rng(12345)  # the checkpoint puts the data stream back
         saved, step = gpt_jax.restore_checkpoint(checkpoint, {"params": params, "opt_state": opt_state}, rng, config)
-        params, opt_state = saved["params"], saved["opt_state"]
+        params, opt_state = on_mesh(saved["params"], saved["opt_state"])
         params, _, second = train(params, opt_state, rng, range(step, 10))
         assert step == 5 and first + second == whole
         assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(whole_params), jax.tree.leaves(params)))
@@ -1343,7 +1349,7 @@ def test_llama_training_steps_match_across_frameworks():
     torch_optimizer = llama_torch.make_optimizer(torch_model, config)
     jax_optimizer = llama_jax.make_optimizer(llama_config(llama_jax, **overrides))
     graphdef, params, buffers = nnx.split(jax_model, nnx.Param, ...)
-    opt_state = jax_optimizer.init(params)
+    params, opt_state = on_mesh(params, jax_optimizer.init(params))
     train_step, _ = llama_jax.make_steps(graphdef, buffers, jax_optimizer, ONE_DEVICE)
     rng = np.random.default_rng(3)
     for step in range(3):
@@ -1726,8 +1732,9 @@ def test_moe_training_steps_match_across_frameworks():
         jax_optimizer = moe_jax.make_optimizer(moe_config(moe_jax, **overrides))
         graphdef, params, expert_bias, buffers = nnx.split(jax_model, nnx.Param, moe_jax.ExpertBias, ...)
         params, expert_bias, buffers = (nnx.to_pure_dict(s) for s in (params, expert_bias, buffers))
-        opt_state = jax_optimizer.init(params)
-        jax_step, jax_eval = moe_jax.make_steps(graphdef, buffers, jax_optimizer, moe_config(moe_jax, **overrides), ONE_DEVICE)
+        params, opt_state, expert_bias = on_mesh(params, jax_optimizer.init(params), expert_bias)
+        jax_step, jax_eval = moe_jax.make_steps(graphdef, buffers, jax_optimizer, moe_config(moe_jax, **overrides),
+                                                ONE_DEVICE)
         batches = np.random.default_rng(3).integers(0, 256, size=(4, MOE_RUN["batch_size"], MOE_RUN["seq_len"]))
         for step, x in enumerate(batches[:3]):
             y = np.roll(x, -1, axis=1)
@@ -2355,7 +2362,7 @@ def test_mamba_training_steps_match_across_frameworks():
     jax_optimizer = mamba_jax.make_optimizer(mamba_config(mamba_jax, **overrides))
     graphdef, state = nnx.split(jax_model)
     params = nnx.to_pure_dict(state)
-    opt_state = jax_optimizer.init(params)
+    params, opt_state = on_mesh(params, jax_optimizer.init(params))
     train_step, _ = mamba_jax.make_steps(graphdef, jax_optimizer, ONE_DEVICE)
     torch_train_step, _ = mamba_torch.make_steps(torch_model, torch_optimizer, config)  # the scripts' own steps
     tokens = np.frombuffer(STORIES_HEAD, np.uint8)
