@@ -153,11 +153,13 @@ def copy_torch_to_jax(torch_model, jax_model):
     assert copied == len(jax.tree.leaves(nnx.state(jax_model, nnx.Param))), "a jax parameter has no torch twin"
 
 
-def run_scripts(*commands):
+def run_scripts(*commands, envs=None):
     """Run the given [script, args...] commands as a user would, side by side (they mostly wait on imports);
-    returns their CompletedProcess results. One torch thread each: two processes share the two cores."""
+    returns their CompletedProcess results. One torch thread each: two processes share the two cores. envs: more
+    environment variables for each."""
     processes = [subprocess.Popen([sys.executable, *command], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, env=dict(os.environ, OMP_NUM_THREADS="1")) for command in commands]
+                                  text=True, env=dict(os.environ, OMP_NUM_THREADS="1", **(envs[i] if envs else {})))
+                 for i, command in enumerate(commands)]
     results = []
     for command, process in zip(commands, processes):
         stdout, stderr = process.communicate(timeout=120)
@@ -2492,20 +2494,29 @@ def assert_close_checkpoints(first, second, rtol=1e-4, atol=1e-4):
             assert torch.allclose(a[name], b[name], rtol=rtol, atol=atol), (name, (a[name] - b[name]).abs().max())
 
 
-def assert_torchrun_equals_one_process(module, resume_under_torchrun):
+def assert_torchrun_equals_one_process(module, resume_under_torchrun, torchrun=True):
     """torchrun with 2 processes (gloo on the CPU), each training on half of the global batch of 4, computes the
     per-step losses of one process on the whole batch (1e-5 relative); only rank 0 prints. A checkpoint crosses over:
     one process's run of 2 steps resumed under torchrun, or the other way round, ends at step 4 with the losses and
-    arrays of one uninterrupted process."""
+    arrays of one uninterrupted process. torchrun=False starts the 2 processes itself, with the environment torchrun
+    gives them (a second faster: torchrun's own start is that of a torch program)."""
     with tempfile.TemporaryDirectory() as tmp:
         args = [f"--data={write_tiny_corpus(tmp)}", *TINY, "--learning_rate=3e-3", "--min_learning_rate=3e-3"]
         with open(f"{tmp}/spy.py", "w") as f:
             f.write(SPY.format(root=ROOT, name=module.__name__) + "script.main(sys.argv[1:])\n")
 
-        def torchrun(*more):
-            result = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", f"{tmp}/spy.py", *args, *more],
-                                    cwd=ROOT, capture_output=True, text=True, timeout=120,
-                                    env=dict(os.environ, OMP_NUM_THREADS="1"))
+        def run_two(*more):
+            command = [f"{tmp}/spy.py", *args, *more]
+            if torchrun:
+                result = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", *command], cwd=ROOT,
+                                        capture_output=True, text=True, timeout=120,
+                                        env=dict(os.environ, OMP_NUM_THREADS="1"))
+            else:
+                port = str(random.randrange(20000, 60000))
+                result, other = run_scripts(*([*command] for _ in range(2)), envs=[
+                    dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                         MASTER_PORT=port) for rank in range(2)])
+                assert other.returncode == 0 and other.stdout == "", (other.stdout, other.stderr[-3000:])
             assert result.returncode == 0, result.stderr[-3000:]
             assert result.stdout.count("devices: 2 x cpu (torchrun processes) | float32\n") == 1, result.stdout
             assert len(re.findall(r"^step +\d+/", result.stdout, re.M)) == 2, result.stdout  # rank 0's lines only
@@ -2515,9 +2526,9 @@ def assert_torchrun_equals_one_process(module, resume_under_torchrun):
             whole = exact_losses(run_main(module, args + [f"--out_dir={tmp}/one", "--steps=4"]))
             if resume_under_torchrun:
                 first = run_main(module, args + [f"--out_dir={tmp}/two", "--steps=2"])
-                second = torchrun(f"--out_dir={tmp}/two", "--steps=4", "--resume=true")
+                second = run_two(f"--out_dir={tmp}/two", "--steps=4", "--resume=true")
             else:
-                first = torchrun(f"--out_dir={tmp}/two", "--steps=2")
+                first = run_two(f"--out_dir={tmp}/two", "--steps=2")
                 second = run_main(module, args + [f"--out_dir={tmp}/two", "--steps=4", "--resume=true"])
         assert "resuming from step 2" in second
         assert_close_losses(whole, exact_losses(first) | exact_losses(second))
@@ -2537,7 +2548,7 @@ def test_gpt_torchrun_equals_one_process():
 
 
 def test_llama_torchrun_equals_one_process():
-    assert_torchrun_equals_one_process(llama_torch, resume_under_torchrun=True)
+    assert_torchrun_equals_one_process(llama_torch, resume_under_torchrun=True, torchrun=False)
 
 
 
@@ -2617,7 +2628,7 @@ def test_gpt_bfloat16_trains_close_to_float32():
     """--dtype=bfloat16 on the CPU, both frameworks: the loss falls as in float32 and ends within 3% of it, but not
     equal to it (the matmuls really ran in bfloat16)."""
     with tempfile.TemporaryDirectory() as tmp:
-        args = [f"--data={write_tiny_corpus(tmp)}", *TINY, "--steps=30", "--log_interval=5", "--learning_rate=1e-2"]
+        args = [f"--data={write_tiny_corpus(tmp)}", *TINY, "--steps=25", "--log_interval=5", "--learning_rate=1e-2"]
         runs = {(module, dtype): run_main(module, args + [f"--out_dir={tmp}/{module.__name__}_{dtype}", f"--dtype={dtype}"])
                 for module, dtype in ((gpt_torch, "float32"), (gpt_torch, "bfloat16"), (gpt_jax, "bfloat16"))}
         float32 = parse_losses(runs[gpt_torch, "float32"])  # jax's float32 losses are torch's: see the tests above
