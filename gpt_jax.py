@@ -53,7 +53,7 @@ class Config:
     data: str = "data/stories.txt"  # a UTF-8 text file (bytes are tokens) or a bpe.py .npy token file
     seed: int = 1337  # seeds the weights, the batches, dropout and sampling
     device: str = "auto"  # cpu, cuda or mps (jax-metal); auto: jax's default. Every such device joins the mesh
-    dtype: str = "auto"  # float32, or bfloat16 (bfloat16 matmuls, float32 weights); auto: bfloat16 on CUDA GPUs that have it (Ampere and newer), else float32
+    dtype: str = "auto"  # float32 or bfloat16 (matmuls; weights stay float32); auto: bfloat16 on CUDA from Ampere on
     vocab_size: int = 256  # set from the data at start (256 for bytes); not a command-line option
     seq_len: int = 128  # tokens per training sequence, the longest context the model sees
     num_layers: int = 4  # number of transformer blocks
@@ -176,7 +176,8 @@ class MLP(nnx.Module):
 
     def __init__(self, config, rngs):
         ffn_dim = 4 * config.model_dim
-        self.up = nnx.Linear(config.model_dim, ffn_dim, kernel_init=normal(0.02), dtype=compute_dtype(config), rngs=rngs)
+        self.up = nnx.Linear(config.model_dim, ffn_dim, kernel_init=normal(0.02), dtype=compute_dtype(config),
+                             rngs=rngs)
         self.down = nnx.Linear(ffn_dim, config.model_dim, kernel_init=normal(residual_std(config)),
                                dtype=compute_dtype(config), rngs=rngs)
         self.dropout = nnx.Dropout(config.dropout)

@@ -77,7 +77,7 @@ class Config:
     data: str = "data/stories.txt"  # a UTF-8 text file (bytes are tokens) or a bpe.py .npy token file
     seed: int = 1337  # seeds the weights, the batches and sampling
     device: str = "auto"  # cpu, cuda or mps (jax-metal); auto: jax's default. Every such device joins the mesh
-    dtype: str = "auto"  # float32, or bfloat16 (bfloat16 matmuls, float32 weights); auto: bfloat16 on CUDA GPUs that have it (Ampere and newer), else float32
+    dtype: str = "auto"  # float32 or bfloat16 (matmuls; weights stay float32); auto: bfloat16 on CUDA from Ampere on
     vocab_size: int = 256  # set from the data at start (256 for bytes); not a command-line option
     seq_len: int = 128  # tokens per training sequence (no positions: sampling may run past it)
     num_layers: int = 4  # number of Mamba blocks

@@ -2567,7 +2567,8 @@ def assert_bfloat16_close_to_float32(build_pair, **overrides):
     assert torch_out[1].dtype == torch.float32 and jax_out[1].dtype == jnp.float32
     scale = np.abs(float32_logits).max()
     for logits in (torch_out[0].float().numpy(), np.asarray(jax_out[0], np.float32)):
-        assert 1e-4 * scale < np.abs(logits - float32_logits).max() < 0.05 * scale, np.abs(logits - float32_logits).max()
+        difference = np.abs(logits - float32_logits).max()
+        assert 1e-4 * scale < difference < 0.05 * scale, (difference, scale)
 
 
 def test_gpt_bfloat16_forward_close_to_float32():
@@ -2629,7 +2630,7 @@ def test_gpt_bfloat16_trains_close_to_float32():
     equal to it (the matmuls really ran in bfloat16)."""
     with tempfile.TemporaryDirectory() as tmp:
         args = [f"--data={write_tiny_corpus(tmp)}", *TINY, "--steps=25", "--log_interval=5", "--learning_rate=1e-2"]
-        runs = {(module, dtype): run_main(module, args + [f"--out_dir={tmp}/{module.__name__}_{dtype}", f"--dtype={dtype}"])
+        runs = {(module, dtype): run_main(module, args + [f"--out_dir={tmp}/{module}{dtype}", f"--dtype={dtype}"])
                 for module, dtype in ((gpt_torch, "float32"), (gpt_torch, "bfloat16"), (gpt_jax, "bfloat16"))}
         float32 = parse_losses(runs[gpt_torch, "float32"])  # jax's float32 losses are torch's: see the tests above
         for module in (gpt_torch, gpt_jax):
