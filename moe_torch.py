@@ -31,7 +31,6 @@ if __name__ == "__main__":  # Ctrl-C while the libraries below load (seconds): e
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import argparse
-import atexit
 import contextlib
 import fcntl
 import inspect
@@ -1058,7 +1057,6 @@ def start_devices(config):
         if kind == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if kind == "cuda" else "gloo")
-        atexit.register(dist.destroy_process_group)
     if rank:
         sys.stdout = open(os.devnull, "w")  # the other processes compute, the first one reports
     print(f"devices: {processes} x {kind}{' (torchrun processes)' if processes > 1 else ''} | {config.dtype}")
@@ -1175,6 +1173,16 @@ def stop_together(received):
         received[:] = [int(signum)] if int(signum) else []
 
 
+def leave_processes(status):
+    """torchrun's processes end together: each waits here until all are here (so none ends before the first one has
+    saved and sampled), leaves the process group, and exits at once with status, skipping the interpreter's shutdown,
+    where gloo's threads can abort a finished run ("terminate called without an active exception")."""
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(status)
+
+
 def quit_on_signal(when):
     """Outside the training loop there is nothing to save: Ctrl-C (SIGINT) or SIGTERM ends the script at once with
     one line and exit status 128 + the signal's number (130, 143). os._exit: no exception unwinds through the
@@ -1277,14 +1285,14 @@ def main(argv=None):
                     then = "continue with --resume=true" if done < config.steps else "training is complete"
                     tell(f"stopped by {signal.Signals(stop_requested[0]).name}: saved step {done} to {path}; {then}")
                 if dist.is_initialized():
-                    dist.barrier()  # no process ends before the first one has saved
+                    leave_processes(128 + stop_requested[0])
                 sys.exit(128 + stop_requested[0])
 
-        if dist.is_initialized():
-            dist.barrier()  # no process ends (and leaves the process group) before the first one has saved
         if rank == 0:
             quit_on_signal(f"while sampling; {path} holds the trained model")
             sample(model, prompt, token_bytes, config)
+        if dist.is_initialized():
+            leave_processes(0)
 
 
 if __name__ == "__main__":
