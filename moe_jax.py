@@ -1085,7 +1085,8 @@ def start_devices(config):
     if config.dtype == "auto":
         capability = float(getattr(devices[0], "compute_capability", 0))  # a CUDA GPU's, e.g. 8.0 (Ampere)
         config.dtype = "bfloat16" if kind == "gpu" and capability >= 8 else "float32"
-    jax.config.update("jax_default_matmul_precision", "highest")  # float32 is float32 (GPUs would use tf32), as torch
+    if kind != "cpu":  # float32 is float32, as in torch (GPUs would use tf32); set only if needed: it is global state
+        jax.config.update("jax_default_matmul_precision", "highest")
     try:  # bfloat16 needs hardware or kernels the device may lack: try a matmul
         ones = jax.device_put(np.ones((2, 2), jnp.dtype(config.dtype)), local)
         (ones @ ones).block_until_ready()
@@ -1093,7 +1094,8 @@ def start_devices(config):
         fail(f"--dtype={config.dtype} does not run on {kind} here ({str(error)[:100]}); pass --dtype=float32")
     if config.batch_size % len(devices):
         fail(f"--batch_size={config.batch_size} is not divisible by the {len(devices)} devices; pass a multiple")
-    jax.config.update("jax_default_device", local)  # where the model is made and sampled
+    if local != jax.devices()[0]:  # where the model is made and sampled, if not jax's default
+        jax.config.update("jax_default_device", local)
     if jax.process_index():
         sys.stdout = open(os.devnull, "w")  # the other processes compute, the first one reports
     print(f"devices: {len(devices)} x {kind}{' (mesh axis data)' if len(devices) > 1 else ''} | {config.dtype}")
