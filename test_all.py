@@ -2580,7 +2580,18 @@ def test_llama_bfloat16_forward_close_to_float32():
 
 
 def test_moe_bfloat16_forward_close_to_float32():
+    """As the other families, and the router stays float32 in bfloat16: its logits equal numpy's float32 product
+    (bfloat16 would be off by ~1e-2), in both frameworks."""
     assert_bfloat16_close_to_float32(build_moe_pair, num_shared_experts=1)
+    torch_layer, jax_layer = build_moe_layer_pair(dtype="bfloat16")
+    x = np.random.default_rng(1).standard_normal((8, 32)).astype(np.float32)
+    expected = x @ torch_layer.router.weight.detach().numpy().T  # (tokens, num_experts)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        torch_logits = torch_layer.route(torch.from_numpy(x), torch.zeros(4))[0]
+    jax_logits = jax_layer.route(jnp.asarray(x), jnp.zeros(4))[0]
+    assert torch_logits.dtype == torch.float32 and jax_logits.dtype == jnp.float32
+    for logits in (torch_logits.numpy(), np.asarray(jax_logits)):
+        assert np.abs(logits - expected).max() < 1e-5, np.abs(logits - expected).max()
 
 
 def test_mamba_bfloat16_forward_close_to_float32():
