@@ -11,6 +11,7 @@ penalty on the attention scores ("Train Short, Test Long", Press et al. 2021).
     python gpt_jax.py --resume=true --steps=4000         # continue the checkpoint in out/gpt_jax
     python bpe.py --tokenizer=gpt2 --data=data/stories.txt   # a downloaded Hugging Face folder: README
     python gpt_jax.py --init_from=gpt2 --data=data/stories.txt.gpt2.npy  # fine-tune it
+    python gpt_jax.py --batch_size=64      # every GPU jax sees joins one mesh (README: several devices)
 
 diff me against gpt_torch.py: the same program in PyTorch, line by line.
 """

@@ -11,6 +11,7 @@ penalty on the attention scores ("Train Short, Test Long", Press et al. 2021).
     python gpt_torch.py --resume=true --steps=4000       # continue the checkpoint in out/gpt_torch
     python bpe.py --tokenizer=gpt2 --data=data/stories.txt   # a downloaded Hugging Face folder: README
     python gpt_torch.py --init_from=gpt2 --data=data/stories.txt.gpt2.npy  # fine-tune it
+    torchrun --standalone --nproc_per_node=4 gpt_torch.py --batch_size=64  # 4 GPUs, 16 sequences each (README)
 
 diff me against gpt_jax.py: the same program in JAX, line by line.
 """

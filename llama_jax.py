@@ -18,6 +18,7 @@ RoPE pairing dimension i with i + head_dim/2 as Hugging Face does; see apply_rop
     python llama_jax.py --rope_scaling=2                # YaRN: sample up to 2 * seq_len tokens of context
     python bpe.py --tokenizer=SmolLM2-135M --data=data/stories.txt   # a downloaded Hugging Face folder: README
     python llama_jax.py --init_from=SmolLM2-135M --data=data/stories.txt.SmolLM2-135M.npy  # fine-tune it
+    python llama_jax.py --batch_size=64      # every GPU jax sees joins one mesh (README: several devices)
 
 diff me against llama_torch.py: the same program in PyTorch, line by line.
 """

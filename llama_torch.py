@@ -18,6 +18,7 @@ RoPE pairing dimension i with i + head_dim/2 as Hugging Face does; see apply_rop
     python llama_torch.py --rope_scaling=2                # YaRN: sample up to 2 * seq_len tokens of context
     python bpe.py --tokenizer=SmolLM2-135M --data=data/stories.txt   # a downloaded Hugging Face folder: README
     python llama_torch.py --init_from=SmolLM2-135M --data=data/stories.txt.SmolLM2-135M.npy  # fine-tune it
+    torchrun --standalone --nproc_per_node=4 llama_torch.py --batch_size=64  # 4 GPUs, 16 sequences each (README)
 
 diff me against llama_jax.py: the same program in JAX, line by line.
 """

@@ -35,6 +35,7 @@ Glossary: the paper's symbols (section 3, Algorithm 2) and their names and shape
     python mamba_jax.py --sample_tokens=5000   # sampling is not limited to seq_len: the state does not grow
     python bpe.py --tokenizer=mamba-130m-hf --data=data/stories.txt   # a downloaded Hugging Face folder: README
     python mamba_jax.py --init_from=mamba-130m-hf --data=data/stories.txt.mamba-130m-hf.npy  # fine-tune it
+    python mamba_jax.py --batch_size=64      # every GPU jax sees joins one mesh (README: several devices)
 
 diff me against mamba_torch.py: the same program in PyTorch, line by line.
 """

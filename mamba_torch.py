@@ -35,6 +35,7 @@ Glossary: the paper's symbols (section 3, Algorithm 2) and their names and shape
     python mamba_torch.py --sample_tokens=5000   # sampling is not limited to seq_len: the state does not grow
     python bpe.py --tokenizer=mamba-130m-hf --data=data/stories.txt   # a downloaded Hugging Face folder: README
     python mamba_torch.py --init_from=mamba-130m-hf --data=data/stories.txt.mamba-130m-hf.npy  # fine-tune it
+    torchrun --standalone --nproc_per_node=4 mamba_torch.py --batch_size=64  # 4 GPUs, 16 sequences each (README)
 
 diff me against mamba_jax.py: the same program in JAX, line by line.
 """

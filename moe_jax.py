@@ -21,6 +21,7 @@ loads either's published weights.
     python moe_jax.py --balance=bias                                   # DeepSeek-V3's balancing, no extra loss
     python bpe.py --tokenizer=Qwen1.5-MoE-A2.7B --data=data/stories.txt   # a downloaded Hugging Face folder: README
     python moe_jax.py --init_from=Qwen1.5-MoE-A2.7B --data=data/stories.txt.Qwen1_5-MoE-A2_7B.npy  # fine-tune it
+    python moe_jax.py --batch_size=64      # every GPU jax sees joins one mesh (README: several devices)
 
 diff me against moe_torch.py: the same program in PyTorch, line by line; against llama_jax.py, to see the experts.
 """

@@ -21,6 +21,7 @@ loads either's published weights.
     python moe_torch.py --balance=bias                                   # DeepSeek-V3's balancing, no extra loss
     python bpe.py --tokenizer=Qwen1.5-MoE-A2.7B --data=data/stories.txt   # a downloaded Hugging Face folder: README
     python moe_torch.py --init_from=Qwen1.5-MoE-A2.7B --data=data/stories.txt.Qwen1_5-MoE-A2_7B.npy  # fine-tune it
+    torchrun --standalone --nproc_per_node=4 moe_torch.py --batch_size=64  # 4 GPUs, 16 sequences each (README)
 
 diff me against moe_jax.py: the same program in JAX, line by line; against llama_torch.py, to see the experts.
 """
