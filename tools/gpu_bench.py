@@ -33,6 +33,8 @@ def option(args, name, default):
 def run(script, args, steps, out_dir):
     """Train script for steps; returns (median ms/step after the first log line, params per token, devices line)."""
     log_every = max(1, steps // 10)
+    if script.startswith("mamba"):  # no attention, no heads
+        args = re.sub(r"--num_heads=\d+", "", args)
     command = [sys.executable, script, *args.split(), f"--steps={steps}", f"--warmup_steps={min(10, steps)}",
                f"--log_interval={log_every}", f"--eval_interval={steps}", "--eval_steps=1", "--sample_tokens=0",
                f"--out_dir={out_dir}"]
