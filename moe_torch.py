@@ -1230,7 +1230,9 @@ def main(argv=None):
         model.to(device)  # made on the CPU: the same initial weights on every device
         if config.steps == 0:  # only sample from the published model
             quit_on_signal("while sampling")
-            return sample(model, prompt, token_bytes, config) if rank == 0 else None
+            if rank == 0:
+                sample(model, prompt, token_bytes, config)
+            return leave_processes(0) if dist.is_initialized() else None
         optimizer = make_optimizer(model, config)
         data_rng = np.random.default_rng(config.seed)
         start_step = 0
