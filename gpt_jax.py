@@ -710,8 +710,14 @@ def start_devices(config):
         try:
             processes, process_id = int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"])
         except (KeyError, ValueError):
-            fail("JAX_COORDINATOR_ADDRESS is set: set JAX_NUM_PROCESSES and JAX_PROCESS_ID to whole numbers too")
-        jax.distributed.initialize(num_processes=processes, process_id=process_id)  # it reads the address itself
+            processes = process_id = -1
+        if not (0 <= process_id < processes and re.fullmatch(r"[^:\s]+:\d+", os.environ["JAX_COORDINATOR_ADDRESS"])):
+            fail("JAX_COORDINATOR_ADDRESS must be host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID whole numbers with "
+                 "0 <= JAX_PROCESS_ID < JAX_NUM_PROCESSES; set them so, or unset JAX_COORDINATOR_ADDRESS")
+        try:
+            jax.distributed.initialize(num_processes=processes, process_id=process_id)  # it reads the address itself
+        except (ValueError, RuntimeError) as error:  # a malformed address, a coordinator that never answered
+            fail(f"cannot join the other processes ({str(error).splitlines()[0][:150]}); check the JAX_* variables")
     platform = {"auto": None, "cpu": "cpu", "cuda": "cuda", "mps": "METAL"}[config.device]  # METAL: jax-metal's
     try:
         devices, local = jax.devices(platform), jax.local_devices(backend=platform)[0]

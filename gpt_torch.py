@@ -695,8 +695,14 @@ def start_devices(config):
     processes cannot share evenly. Only the first process (rank 0) prints."""
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     kind = next(name for name, ok in available.items() if ok) if config.device == "auto" else config.device
-    rank, local_rank, processes = (int(os.environ.get(name, default)) for name, default in
-                                   (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    try:
+        rank, local_rank, processes = (int(os.environ.get(name, default)) for name, default in
+                                       (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    except ValueError:
+        rank = processes = -1
+    if not 0 <= rank < processes:
+        fail("RANK, LOCAL_RANK and WORLD_SIZE (torchrun sets them) must be whole numbers, 0 <= RANK < WORLD_SIZE; "
+             "launch with torchrun or unset them")
     if not available[kind] or (kind == "cuda" and local_rank >= torch.cuda.device_count()):
         fail(f"--device={kind}: this machine has {'no' if not available[kind] else 'too few'} {kind} devices for "
              f"this process; pass --device=cpu, or --device=auto to take the best there is")
@@ -715,7 +721,10 @@ def start_devices(config):
     if processes > 1:
         if kind == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+        try:
+            dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+        except (ValueError, RuntimeError) as error:  # no MASTER_ADDR, a port in use, a peer that never came
+            fail(f"cannot join the other processes ({str(error).splitlines()[0][:150]}); launch with torchrun")
     if rank:
         sys.stdout = open(os.devnull, "w")  # the other processes compute, the first one reports
     print(f"devices: {processes} x {kind}{' (torchrun processes)' if processes > 1 else ''} | {config.dtype}")

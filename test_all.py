@@ -2537,14 +2537,20 @@ def assert_torchrun_equals_one_process(module, resume_under_torchrun, torchrun=T
 
 def test_gpt_torchrun_equals_one_process():
     assert_torchrun_equals_one_process(gpt_torch, resume_under_torchrun=False)
-    with tempfile.TemporaryDirectory() as tmp:  # a global batch the processes cannot share: refused before any work
-        os.environ.update(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0")
-        try:
-            assert_refused(gpt_torch, [f"--data={write_tiny_corpus(tmp)}", f"--out_dir={tmp}/out", *TINY,
-                                       "--batch_size=3"], "not divisible by the 2 processes", tmp)
-        finally:
-            for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-                del os.environ[name]
+    with tempfile.TemporaryDirectory() as tmp:  # a launch environment that cannot work: refused before any work
+        args = [f"--data={write_tiny_corpus(tmp)}", f"--out_dir={tmp}/out", *TINY, "--steps=1"]
+        for module, environment, word in [
+                (gpt_torch, dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0"), "not divisible by the 2 processes"),
+                (gpt_torch, dict(WORLD_SIZE="two"), "WORLD_SIZE"), (gpt_torch, dict(WORLD_SIZE="0"), "WORLD_SIZE"),
+                (gpt_jax, dict(JAX_COORDINATOR_ADDRESS="nonsense", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="0"),
+                 "host:port"),
+                (gpt_jax, dict(JAX_COORDINATOR_ADDRESS="localhost:1", JAX_NUM_PROCESSES="2"), "JAX_PROCESS_ID")]:
+            os.environ.update(environment)
+            try:
+                assert_refused(module, args + ["--batch_size=3"], word, tmp)
+            finally:
+                for name in environment:
+                    del os.environ[name]
 
 
 def test_llama_torchrun_equals_one_process():
