@@ -40,9 +40,14 @@ if "TEST_ALL_JAX_CACHE" not in os.environ:
 os.environ.update(JAX_COMPILATION_CACHE_DIR=JAX_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 # The tests' models are tiny and run few steps: XLA's optimizing backend costs more than it saves (a tiny mamba_jax
-# run: 16 s of CPU cold, 10 s without it; the same losses). Here and in the scripts the tests start.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-                           " --xla_llvm_disable_expensive_passes=true").strip()
+# run: 16 s of CPU cold, 10 s without it; the same losses), and so do its MLIR fusion emitters, slower to compile
+# than the older ones (the skeleton's tiny moe_jax run: 6.2 s cold, 3.6 s without them). Here and in the scripts the
+# tests start. Added once: the runner's worker inherits them, and XLA_FLAGS is part of the compilation cache's key
+# (the same flags twice would make another key, and the two workers would not share what they compile).
+FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+                " --xla_cpu_use_fusion_emitters=false")
+if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE).strip()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -1273,7 +1278,7 @@ def test_llama_shapes_and_initial_loss():
     logits, loss = llama_torch.Llama(llama_config(llama_torch))(torch.from_numpy(tokens), torch.from_numpy(targets))
     assert tuple(logits.shape) == (3, 16, 61)
     assert abs(loss.item() - math.log(61)) < 0.2  # N(0, 0.02) init: near-uniform predictions
-    logits, loss = llama_jax.Llama(llama_config(llama_jax), nnx.Rngs(0))(jnp.asarray(tokens), jnp.asarray(targets))
+    logits, loss = jax_forward(llama_jax.Llama(llama_config(llama_jax), nnx.Rngs(0)), tokens, targets)
     assert logits.shape == (3, 16, 61)
     assert abs(float(loss) - math.log(61)) < 0.2
 
@@ -1318,7 +1323,7 @@ def test_llama_causality():
     changed[:, 9:] = rng.integers(0, 61, size=(2, 7))
     torch_model, jax_model = build_llama_pair(dict(qk_norm=True))
     a, b = (torch_logits(torch_model, t) for t in (tokens, changed))
-    c, d = (np.asarray(jax_model(jnp.asarray(t))[0]) for t in (tokens, changed))
+    c, d = (np.asarray(jax_forward(jax_model, t, t)[0]) for t in (tokens, changed))
     for before, after in ((a, b), (c, d)):
         assert np.allclose(before[:, :9], after[:, :9], atol=1e-5)
         assert not np.allclose(before[:, 9:], after[:, 9:], atol=1e-3)  # the change is seen
@@ -1335,7 +1340,7 @@ def test_llama_torch_jax_parity():
         x, y = tokens[:, :-1], tokens[:, 1:]
         with torch.no_grad():
             logits, loss = torch_model(torch.from_numpy(x), torch.from_numpy(y))
-        jax_logits, jax_loss = jax_model(jnp.asarray(x), jnp.asarray(y))
+        jax_logits, jax_loss = jax_forward(jax_model, x, y)
         assert np.abs(logits.numpy() - np.asarray(jax_logits)).max() < 1e-4, overrides
         assert abs(loss.item() - float(jax_loss)) < 1e-4, overrides
         assert np.abs(logits.numpy()).max() > 0.1  # the comparison is not between two near-zero outputs
@@ -1408,7 +1413,7 @@ def test_llama_kv_cache_matches_full_forward():
         torch_steps, jax_steps, torch_cache, jax_cache = decode_in_chunks(torch_model, jax_model, tokens, prompt)
         full = torch_logits(torch_model, tokens)  # (2, length, vocab_size)
         assert np.abs(torch_steps - full).max() < 1e-5, overrides
-        assert np.abs(jax_steps - np.asarray(jax_model(jnp.asarray(tokens))[0])).max() < 1e-5
+        assert np.abs(jax_steps - np.asarray(jax_forward(jax_model, tokens, tokens)[0])).max() < 1e-5
         assert jax_cache[0][0].shape == torch_cache[0][0].shape == (2, jax_model.num_kv_heads, length, 8)
 
 
@@ -2386,7 +2391,8 @@ def test_mamba_training_steps_match_across_frameworks():
         p.grad = torch.zeros_like(p)
     before = {name: p.detach().clone() for name, p in torch_model.named_parameters()}
     torch_optimizer.step()
-    updates, _ = jax_optimizer.update(jax.tree.map(jnp.zeros_like, params), jax_optimizer.init(params), params)
+    updates, _ = jax.jit(lambda params: jax_optimizer.update(jax.tree.map(jnp.zeros_like, params),  # one compile
+                                                            jax_optimizer.init(params), params))(params)
     after = dict(torch_model.named_parameters())
     for name, jax_update in (("A_log", updates["blocks"][0]["mixer"]["A_log"]),
                              ("in_proj.weight", updates["blocks"][0]["mixer"]["in_proj"]["kernel"])):
@@ -3125,7 +3131,10 @@ def run_tests(tests):
     return passed, failed
 
 
-FIRST = ("skeleton", "moe", "llama", "mamba", "gpt")  # the longest families first, so that both halves end together
+# The longest families first, so that both halves end together; the skeleton first of all (in this process): its
+# tiny runs compile the train and eval steps that the moe and mamba tests and runs then load from the compilation
+# cache, while the worker begins with the llama tests, which need none of them.
+FIRST = ("skeleton", "llama", "moe", "mamba", "gpt", "bench")
 
 
 def run_with_a_worker(tests):
