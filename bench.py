@@ -11,8 +11,9 @@ What it measures, each in a process of its own (one framework's threads and memo
     FLOPs utilisation (MFU) below, which takes the faster framework's as the machine's;
   - every model script trained from its own functions (model, optimizer, train step, evaluation) for --seconds of
     wall-clock time, counted from the process's start (imports, building, compiling included; evaluations not),
-    with the learning-rate schedule fitted to the budget: the steps that fit are estimated after 21 steps, before
-    the warmup ends. It reports tokens/s (median over blocks of 10 steps, the first step and the first block apart),
+    with the learning-rate schedule fitted to the budget: the steps that fit are estimated after 21 steps and again
+    after every block of the warmup, whose learning rates do not depend on the number of steps. It reports tokens/s
+    (median over blocks of 10 steps, the first step and the first block apart),
     MFU (the matmul FLOPs of a training step, counted by torch.utils.flop_counter on the torch twin), peak resident
     memory, the val bits per byte reached beside the corpus's floor, and sampling tokens/s;
   - sampling at contexts of 128, 512 and 1024 tokens: one step with the KV cache (Llama, MoE) or the recurrent
@@ -195,8 +196,10 @@ def train_for(script, options, seconds):
         loss = run(done, count)
         block_ms.append((time.perf_counter() - start) * 1000 / count)
         done += count
-        if planned is None and len(block_ms) == 2:  # fit the schedule: the steps the rest of the budget holds
-            planned = done + max(0, int((seconds - clock()) * 1000 / block_ms[-1]))
+        # fit the schedule to the steps the rest of the budget holds, at the speed measured so far; again after every
+        # block of the warmup, whose learning rates do not depend on the number of steps
+        if len(block_ms) >= 2 and (planned is None or done < config.warmup_steps):
+            planned = done + max(0, int((seconds - clock()) * 1000 / statistics.median(block_ms[1:])))
             config.steps, eval_every = planned, max(10, planned // 10)
         if planned is not None and (done % eval_every == 0 or done == planned):
             curve.append((clock(), done, bpb()))
@@ -204,8 +207,9 @@ def train_for(script, options, seconds):
         curve.append((clock(), done, bpb()))
     result = dict(script=script, family=family, framework=framework, parameters=parameters, active=active,
                   startup_s=startup, first_step_s=first_step, steps=done, train_seconds=clock(),
-                  ms_per_step=statistics.median(block_ms[1:] or block_ms), tokens_per_step=config.batch_size * config.seq_len,
-                  peak_mib=peak_memory_mib(), val_bpb=curve[-1][2], floor=floor, curve=curve, diverged=not math.isfinite(loss))
+                  ms_per_step=statistics.median(block_ms[1:] or block_ms),
+                  tokens_per_step=config.batch_size * config.seq_len, peak_mib=peak_memory_mib(), val_bpb=curve[-1][2],
+                  floor=floor, curve=curve, diverged=not math.isfinite(loss))
     x, y = module.get_batch(train_tokens, data_rng, config)
     result["sampling_tokens_per_s"] = sampling_speed(module, model, [int(t) for t in val_tokens[:16]], config)
     result["flops_per_step"] = count_flops(x, y) if count_flops else None
@@ -485,7 +489,9 @@ def verdict(ok, measured, target):
 
 def report(args, peak, matmul, runs, sampling, scans, bpe_results, nanogpt):
     """The Markdown text of bench.md."""
-    lines = [f"Measured by `python bench.py{' ' + ' '.join(args.argv) if args.argv else ''}` on "
+    lines = (["**--quick: tiny models and budgets, to see that everything runs; these are not measurements.**", ""]
+             if args.quick else [])
+    lines += [f"Measured by `python bench.py{' ' + ' '.join(args.argv) if args.argv else ''}` on "
              f"{datetime.date.today().isoformat()}: {cpu_name()}, {os.cpu_count()} cores; {versions()}.", ""]
     lines += [f"Matmul throughput, float32, {args.matmul_size} x {args.matmul_size} (median of 10): "
               + ", ".join(f"{fw} {number(flops / 1e9)} GFLOP/s" for fw, flops in matmul.items())
@@ -516,7 +522,7 @@ def report(args, peak, matmul, runs, sampling, scans, bpe_results, nanogpt):
                      f"{number(run['val_bpb'] - floor if floor else None, 3)} (floor {number(floor, 3)}) | "
                      f"{number(run['sampling_tokens_per_s'], 0)} |")
         run["mfu"] = mfu
-    lines.append("")
+    lines += ["", "![val bits per byte against seconds, one curve per script, the floor as a line](bench.png)", ""]
     # ratios
     def speed(script):
         run = runs.get(script)
@@ -538,7 +544,8 @@ def report(args, peak, matmul, runs, sampling, scans, bpe_results, nanogpt):
                 values.append(ratio(speed(f"mamba_{framework}"), speed(f"llama_{framework}")))
         lines.append(f"| {name} | " + " | ".join(number(v, 2, "x") for v in values) + " |")
     if scans:
-        lines.append("| mamba parallel scan speed-up over the sequential scan (training step, seq_len 256, one layer) | "
+        lines.append("| mamba parallel scan speed-up over the sequential scan (training step, seq_len 256, one layer) "
+                     "| "
                      + " | ".join(f"{number(ratio(s['sequential'], s['parallel']), 1, 'x')} ({number(s['parallel'], 0)}"
                                   f" against {number(s['sequential'], 0)} ms)" if s else "n/a"
                                   for s in (scans.get(fw) for fw in FRAMEWORKS)) + " |")
@@ -564,9 +571,10 @@ def report(args, peak, matmul, runs, sampling, scans, bpe_results, nanogpt):
                          f"{number(ratio(cached_last, costs[contexts[0]][0]), 2, 'x')} |")
         lines.append("")
     if bpe_results:
-        lines += ["**bpe.py**, training to vocab 1024 and encoding the whole text; fast against slow trainer on its "
-                  "first characters, to vocab 512:", "",
-                  "| text | merges | training | encoding | bytes/token | fast / slow trainer |", "|---|---|---|---|---|---|"]
+        lines += ["**bpe.py**, training to vocab 1024 (or until no pair of tokens occurs twice) and encoding the whole "
+                  "text; the fast trainer against the slow one on its first characters, to vocab 512:", "",
+                  "| text | merges | training | encoding | bytes/token | fast / slow trainer |",
+                  "|---|---|---|---|---|---|"]
         for name, b in bpe_results.items():
             lines.append(f"| {name} ({b['bytes'] / 1e6:.2f} MB) | {b['merges']} | {b['train_s']:.2f} s | "
                          f"{b['bytes'] / 1e6 / b['encode_s']:.1f} MB/s | {b['bytes_per_token']:.2f} | "
@@ -593,7 +601,8 @@ def targets(args, runs, sampling, scans, bpe_results, nanogpt, speed, ratio):
                             f"{number(ours[2] / theirs[2], 2, 'x')} nanoGPT's tokens/s, val loss {number(ours[3], 3)}",
                             "gpt_torch.py at least nanoGPT's tokens/s at its setting, val loss at most 1.90"))
     else:
-        rows.append(verdict(None, "pass --nanogpt=DIR", "gpt_torch.py at least nanoGPT's tokens/s, val loss at most 1.90"))
+        rows.append(verdict(None, "pass --nanogpt=DIR",
+                            "gpt_torch.py at least nanoGPT's tokens/s, val loss at most 1.90"))
     for script, run in runs.items():
         if script.endswith("_torch") and run and run.get("mfu"):
             rows.append(verdict(run["mfu"] >= 0.4, f"{100 * run['mfu']:.0f}%", f"{script} MFU at least 40%"))
@@ -651,7 +660,10 @@ def plot(runs, path, seconds):
         axes.axhline(floor, color="black", linestyle=":", label=f"entropy floor {floor:.3f}")
     axes.set(xlabel="seconds since the script started (evaluations not counted)", ylabel="val bits per byte",
              title=f"How close each script gets to the floor in {seconds:g} s", yscale="log", xlim=(0, seconds * 1.05))
-    axes.grid(True, which="both", alpha=0.3)
+    ticks = [tick for tick in (0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 1, 2, 4, 8) if floor is None or tick >= floor * 0.9]
+    axes.set_yticks(ticks, [f"{tick:g}" for tick in ticks])  # plain numbers on the log scale
+    axes.minorticks_off()
+    axes.grid(True, alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path)
@@ -754,8 +766,12 @@ def main(argv=None):
         for name, path in texts.items():
             bpe_results[name] = run_worker("bpe", {"path": path, "quick": args.quick}, f"bpe on {name}")
         bpe_results = {name: b for name, b in bpe_results.items() if b}
+    measured = time.perf_counter() - STARTED
     nanogpt = nanogpt_side_by_side(args.nanogpt, 100 if args.quick else 2000) if args.nanogpt else None
     text = report(args, peak, matmul, runs, sampling, scans, bpe_results, nanogpt)
+    text += (f"\nThis run took {measured / 60:.1f} minutes"
+             + (f", and nanoGPT's comparison {(time.perf_counter() - STARTED - measured) / 60:.1f} more.\n"
+                if nanogpt else ".\n"))
     with open(os.path.join(args.out_dir, "bench.md"), "w") as f:
         f.write(text)
     plot(runs, os.path.join(args.out_dir, "bench.png"), args.seconds)

@@ -573,12 +573,8 @@ def sample(model, prompt, token_bytes, config, key):
     print(b"".join(token_bytes[t] for t in tokens).decode("utf-8", errors="replace"))
 
 
-def generate(model, prompt, max_new_tokens, temperature, top_k, key):
-    """Sample one token at a time from softmax(logits / temperature), optionally among the top_k only. GPT has
-    no key/value cache here: each step reruns the model on the last seq_len tokens."""
-    graphdef, state = nnx.split(model)
-    params = nnx.to_pure_dict(state)
-
+@functools.cache  # one compiled sampler per model structure and setting: repeated generate calls reuse it
+def make_next_token(graphdef, temperature, top_k):
     @jax.jit  # compiled once per window length: the context sits in a window, padded after its end
     def next_token(params, window, length, key):
         logits, _ = nnx.merge(graphdef, params)(window[None])  # (1, window, vocab_size)
@@ -587,7 +583,15 @@ def generate(model, prompt, max_new_tokens, temperature, top_k, key):
             kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][-1]
             logits = jnp.where(logits < kth, -jnp.inf, logits)
         return jax.random.categorical(key, logits)
+    return next_token
 
+
+def generate(model, prompt, max_new_tokens, temperature, top_k, key):
+    """Sample one token at a time from softmax(logits / temperature), optionally among the top_k only. GPT has
+    no key/value cache here: each step reruns the model on the last seq_len tokens."""
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    next_token = make_next_token(graphdef, temperature, top_k)
     tokens = list(prompt)
     for i in range(max_new_tokens):
         context = tokens[-model.seq_len :]  # learned positions only go up to seq_len

@@ -24,6 +24,7 @@ import re
 import runpy
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -3108,6 +3109,52 @@ def test_llama_init_from_samples_and_fine_tunes():
         assert len(losses) == 12 and np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.3, losses
         options = re.search(r"^loaded \S+: (.*)$", out, re.M)[1].split()
         assert len(parse_losses(run_main(llama_torch, ["--resume=true", "--steps=14", *options, *args]))) == 2
+
+
+# -----------------------------------------------------------------------------
+# bench.py: a benchmark, never timed here; only that its quick mode runs and writes a table and a picture
+
+
+def markdown_rows(text):
+    """Every row of every Markdown table in text, as a list of its stripped cells."""
+    return [[cell.strip() for cell in line.strip()[1:-1].split("|")] for line in text.splitlines()
+            if line.startswith("|") and not line.startswith("|---")]
+
+
+def test_bench_quick_writes_a_table_and_a_picture():
+    """bench.py --quick on a tiny budget, the GPT twins only: bench.md has a row per script whose numbers agree with
+    the model's size and with each other, the jax/torch ratio is the two rows' tokens/s, and bench.png is an 800 x 500
+    PNG; a bad option is one line, exit 2."""
+    for args, word in ((["--only=nothing"], "--only=nothing"), (["--seconds=0"], "--seconds"),
+                       (["--seconds=nan"], "--seconds"), (["--nanogpt=/nonexistent"], "nanoGPT")):
+        assert_one_line_error(run_script("bench.py", *args), word)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run_script("bench.py", "--quick", "--only=gpt", "--seconds=1", f"--out_dir={tmp}", timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        text = open(os.path.join(tmp, "bench.md")).read()
+        assert f"{os.cpu_count()} cores" in text and f"torch {torch.__version__}" in text, text[:300]
+        rows = markdown_rows(text)
+        at = next(i for i, row in enumerate(rows) if row[:3] == ["script", "parameters", "tokens/s"])
+        table = {row[0]: dict(zip(rows[at], row)) for row in rows[at + 1 : at + 3]}  # the training table's rows
+        assert set(table) == {"gpt_torch", "gpt_jax"}, rows
+        config = gpt_torch.parse_config([f"--data={STORIES}", "--num_layers=2", "--model_dim=32", "--seq_len=32"])
+        config.vocab_size = 256
+        size = sum(p.numel() for p in gpt_torch.GPT(config).parameters())
+        speeds = {}
+        for script, row in table.items():
+            number = lambda cell: float(re.match(r"[0-9,.]+|", cell)[0].replace(",", "") or "nan")
+            assert number(row["parameters"]) == size, (script, row["parameters"], size)
+            speeds[script] = number(row["tokens/s"])
+            tokens_per_step = speeds[script] * number(row["ms/step"]) / 1000
+            assert abs(tokens_per_step / (config.batch_size * config.seq_len) - 1) < 0.05, (script, row)
+            floor = json.load(open(FLOOR))["val_bpb"]
+            assert floor < number(row["val bpb"]) < 8.5, (script, row["val bpb"])  # 8: uniform over bytes
+            assert 0 < number(row["MFU"]) <= 100 and number(row["peak RSS"]) > 100, (script, row)
+        ratio = re.search(r"jax / torch, same family \| \| gpt ([0-9.]+)x", text)[1]
+        assert abs(float(ratio) - speeds["gpt_jax"] / speeds["gpt_torch"]) < 0.02, (ratio, speeds)
+        with open(os.path.join(tmp, "bench.png"), "rb") as f:
+            head = f.read(24)
+        assert head[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", head[16:24]) == (800, 500), head
 
 
 # -----------------------------------------------------------------------------
