@@ -458,9 +458,15 @@ def nanogpt_side_by_side(folder, steps):
 # Report: Markdown tables, the targets, the picture
 
 def cpu_name():
+    """The CPU's model name and, on Linux, its widest vector instructions (they set matmul speed)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return re.search(r"^model name\s*:\s*(.*)$", f.read(), re.M).group(1).strip()
+            text = f.read()
+        name = re.search(r"^model name\s*:\s*(.*)$", text, re.M).group(1).strip()
+        flags = set(re.search(r"^flags\s*:\s*(.*)$", text, re.M).group(1).split())
+        extras = [label for flag, label in (("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX"))
+                  if flag in flags] or (["AVX2"] if "avx2" in flags else [])
+        return name + (f" ({', '.join(extras)})" if extras else "")
     except (OSError, AttributeError):
         return platform.processor() or platform.machine()
 
@@ -493,63 +499,68 @@ def report(args, peak, matmul, runs, sampling, scans, bpe_results, nanogpt):
              if args.quick else [])
     lines += [f"Measured by `python bench.py{' ' + ' '.join(args.argv) if args.argv else ''}` on "
              f"{datetime.date.today().isoformat()}: {cpu_name()}, {os.cpu_count()} cores; {versions()}.", ""]
-    lines += [f"Matmul throughput, float32, {args.matmul_size} x {args.matmul_size} (median of 10): "
-              + ", ".join(f"{fw} {number(flops / 1e9)} GFLOP/s" for fw, flops in matmul.items())
-              + f". Model FLOPs utilisation (MFU) below is against the faster, {number(peak / 1e9)} GFLOP/s.", ""]
-    # training
-    lines += [f"**Training for {args.seconds:g} s** on the story corpus, each script in its own process from its "
-              "`python` start (imports, building and compiling count; evaluations do not), the learning-rate schedule "
-              "fitted to the steps that fit. Tokens/s and ms/step: medians over blocks of 10 steps after the first "
-              "block; start-up is imports, data and model, first step is mostly jax's compilation. MFU: the matmul "
-              "FLOPs of a training step (forward and backward, counted on the torch twin by "
-              "`torch.utils.flop_counter`) per second. Sampling: `generate()` from the trained model, 200 tokens.", ""]
-    lines += ["| script | parameters | tokens/s | ms/step | start-up + first step | MFU | peak RSS | steps | "
-              "val bpb | above the floor | sampling tokens/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for script, run in runs.items():
-        if run is None:
-            lines.append(f"| {script} | failed | | | | | | | | | |")
-            continue
-        flops = run["flops_per_step"] or (runs.get(script.replace("_jax", "_torch")) or {}).get("flops_per_step")
-        mfu = flops / (run["ms_per_step"] / 1000) / peak if flops else None
-        parameters = f"{run['parameters']:,}" + (f" ({run['active']:,} active)" if run["active"] != run["parameters"]
-                                                 else "")
-        floor = run["floor"]
-        lines.append(f"| {script} | {parameters} | {number(run['tokens_per_step'] / run['ms_per_step'] * 1000, 0)} | "
-                     f"{number(run['ms_per_step'])} | {number(run['startup_s'])} + {number(run['first_step_s'])} s | "
-                     f"{number(100 * mfu if mfu else None, 1, '%')} | {number(run['peak_mib'], 0)} MiB | "
-                     f"{run['steps']:,} in {run['train_seconds']:.0f} s | "
-                     f"{'diverged' if run['diverged'] else number(run['val_bpb'], 3)} | "
-                     f"{number(run['val_bpb'] - floor if floor else None, 3)} (floor {number(floor, 3)}) | "
-                     f"{number(run['sampling_tokens_per_s'], 0)} |")
-        run["mfu"] = mfu
-    lines += ["", "![val bits per byte against seconds, one curve per script, the floor as a line](bench.png)", ""]
-    # ratios
+    if matmul:
+        lines += [f"Matmul throughput, float32, {args.matmul_size} x {args.matmul_size} (median of 10): "
+                  + ", ".join(f"{fw} {number(flops / 1e9)} GFLOP/s" for fw, flops in matmul.items())
+                  + f". Model FLOPs utilisation (MFU) below is against the faster, {number(peak / 1e9)} GFLOP/s.", ""]
+
     def speed(script):
         run = runs.get(script)
         return run["tokens_per_step"] / run["ms_per_step"] * 1000 if run else None
 
     def ratio(a, b):
         return a / b if a is not None and b else None
-    lines += ["**Ratios** (tokens/s, from the table above):", "", "| comparison | torch | jax |", "|---|---|---|"]
-    lines.append("| jax / torch, same family | | " + ", ".join(
-        f"{family} {number(ratio(speed(family + '_jax'), speed(family + '_torch')), 2, 'x')}" for family in FAMILIES
-        if family + "_jax" in runs) + " |")
-    for name, a, b in (("moe step time / dense llama step time (equal active parameters)", "moe", "llama"),
-                       ("mamba tokens/s / llama tokens/s (matched parameters)", "mamba", "llama")):
-        values = []
-        for framework in FRAMEWORKS:
-            if a == "moe":
-                values.append(ratio(speed(f"llama_{framework}"), speed(f"moe_{framework}")))
-            else:
-                values.append(ratio(speed(f"mamba_{framework}"), speed(f"llama_{framework}")))
-        lines.append(f"| {name} | " + " | ".join(number(v, 2, "x") for v in values) + " |")
-    if scans:
-        lines.append("| mamba parallel scan speed-up over the sequential scan (training step, seq_len 256, one layer) "
-                     "| "
-                     + " | ".join(f"{number(ratio(s['sequential'], s['parallel']), 1, 'x')} ({number(s['parallel'], 0)}"
-                                  f" against {number(s['sequential'], 0)} ms)" if s else "n/a"
-                                  for s in (scans.get(fw) for fw in FRAMEWORKS)) + " |")
-    lines.append("")
+
+    if runs:  # the training table, the chart, and the ratios between its rows
+        # training
+        lines += [f"**Training for {args.seconds:g} s** on the story corpus, each script in its own process from "
+                  "its `python` start (imports, building and compiling count; evaluations do not), the learning-rate "
+                  "schedule fitted to the steps that fit. Tokens/s and ms/step: medians over blocks of 10 steps after "
+                  "the first block; start-up is imports, data and model, first step is mostly jax's compilation. MFU: "
+                  "the matmul FLOPs of a training step (forward and backward, counted on the torch twin by "
+                  "`torch.utils.flop_counter`) per second. Sampling: `generate()` from the trained model, 200 "
+                  "tokens.", ""]
+        lines += ["| script | parameters | tokens/s | ms/step | start-up + first step | MFU | peak RSS | steps | "
+                  "val bpb | above the floor | sampling tokens/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for script, run in runs.items():
+            if run is None:
+                lines.append(f"| {script} | failed | | | | | | | | | |")
+                continue
+            flops = run["flops_per_step"] or (runs.get(script.replace("_jax", "_torch")) or {}).get("flops_per_step")
+            mfu = flops / (run["ms_per_step"] / 1000) / peak if flops else None
+            parameters = f"{run['parameters']:,}"
+            if run["active"] != run["parameters"]:
+                parameters += f" ({run['active']:,} active)"
+            floor, tokens_per_s = run["floor"], run["tokens_per_step"] / run["ms_per_step"] * 1000
+            lines.append(f"| {script} | {parameters} | {number(tokens_per_s, 0)} | {number(run['ms_per_step'])} | "
+                         f"{number(run['startup_s'])} + {number(run['first_step_s'])} s | "
+                         f"{number(100 * mfu if mfu else None, 1, '%')} | {number(run['peak_mib'], 0)} MiB | "
+                         f"{run['steps']:,} in {run['train_seconds']:.0f} s | "
+                         f"{'diverged' if run['diverged'] else number(run['val_bpb'], 3)} | "
+                         f"{number(run['val_bpb'] - floor if floor else None, 3)} (floor {number(floor, 3)}) | "
+                         f"{number(run['sampling_tokens_per_s'], 0)} |")
+            run["mfu"] = mfu
+        lines += ["", "![val bits per byte against seconds, one curve per script, the floor as a line](bench.png)", ""]
+        # ratios
+        lines += ["**Ratios** (tokens/s, from the table above):", "", "| comparison | torch | jax |", "|---|---|---|"]
+        lines.append("| jax / torch, same family | | " + ", ".join(
+            f"{family} {number(ratio(speed(family + '_jax'), speed(family + '_torch')), 2, 'x')}" for family in FAMILIES
+            if family + "_jax" in runs) + " |")
+        for name, a, b in (("moe step time / dense llama step time (equal active parameters)", "moe", "llama"),
+                           ("mamba tokens/s / llama tokens/s (matched parameters)", "mamba", "llama")):
+            values = []
+            for framework in FRAMEWORKS:
+                if a == "moe":
+                    values.append(ratio(speed(f"llama_{framework}"), speed(f"moe_{framework}")))
+                else:
+                    values.append(ratio(speed(f"mamba_{framework}"), speed(f"llama_{framework}")))
+            lines.append(f"| {name} | " + " | ".join(number(v, 2, "x") for v in values) + " |")
+        if scans:
+            cells = [f"{number(ratio(s['sequential'], s['parallel']), 1, 'x')} ({number(s['parallel'], 0)} against "
+                     f"{number(s['sequential'], 0)} ms)" if s else "n/a" for s in (scans.get(fw) for fw in FRAMEWORKS)]
+            lines.append("| mamba parallel scan speed-up over the sequential scan (training step, seq_len 256, one "
+                         "layer) | " + " | ".join(cells) + " |")
+        lines.append("")
     # sampling at long contexts
     if sampling:
         contexts = args.contexts
@@ -600,7 +611,7 @@ def targets(args, runs, sampling, scans, bpe_results, nanogpt, speed, ratio):
         rows.append(verdict(ours[2] >= theirs[2] and (ours[3] or 9) <= 1.90,
                             f"{number(ours[2] / theirs[2], 2, 'x')} nanoGPT's tokens/s, val loss {number(ours[3], 3)}",
                             "gpt_torch.py at least nanoGPT's tokens/s at its setting, val loss at most 1.90"))
-    else:
+    elif "gpt_torch" in runs:
         rows.append(verdict(None, "pass --nanogpt=DIR",
                             "gpt_torch.py at least nanoGPT's tokens/s, val loss at most 1.90"))
     for script, run in runs.items():
@@ -651,7 +662,7 @@ def plot(runs, path, seconds):
     colors = {"gpt": "tab:blue", "llama": "tab:orange", "moe": "tab:green", "mamba": "tab:red"}
     floor = None
     for script, run in runs.items():
-        if run and run["curve"]:
+        if run["curve"]:
             times, _, bpbs = zip(*run["curve"])
             axes.plot(times, bpbs, marker=".", color=colors[run["family"]],
                       linestyle="-" if run["framework"] == "torch" else "--", label=script)
@@ -739,7 +750,7 @@ def main(argv=None):
     print(f"bench: {', '.join(scripts + (['bpe'] if selected('bpe') else []))}; {args.seconds:g} s of training each",
           flush=True)
     matmul = {}
-    for framework in FRAMEWORKS:
+    for framework in (framework for framework in FRAMEWORKS if any(s.endswith(framework) for s in scripts)):
         result = run_worker("matmul", {"framework": framework, "size": args.matmul_size}, f"{framework} matmul")
         if result:
             matmul[framework] = result["flops"]
@@ -774,9 +785,11 @@ def main(argv=None):
                 if nanogpt else ".\n"))
     with open(os.path.join(args.out_dir, "bench.md"), "w") as f:
         f.write(text)
-    plot(runs, os.path.join(args.out_dir, "bench.png"), args.seconds)
+    trained = {script: run for script, run in runs.items() if run and run["curve"]}
+    if trained:
+        plot(trained, os.path.join(args.out_dir, "bench.png"), args.seconds)
     print(text)
-    print(f"wrote {os.path.join(args.out_dir, 'bench.md')} and bench.png")
+    print(f"wrote {os.path.join(args.out_dir, 'bench.md')}" + (" and bench.png" if trained else ""))
 
 
 if __name__ == "__main__":
