@@ -36,6 +36,7 @@ import os
 import platform
 import re
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -743,6 +744,12 @@ def main(argv=None):
         with open(args.result, "w") as f:
             json.dump(result, f)
         return
+    def stop(signum, frame):  # Ctrl-C or SIGTERM: the running worker is killed (subprocess.run does it), then exit
+        print(f"bench.py: stopped by {signal.Signals(signum).name}; bench.md and bench.png are written only at the "
+              "end, so nothing was", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
     selected = lambda name: not args.only or any(part in name for part in args.only)
     scripts = [f"{family}_{framework}" for family in FAMILIES for framework in FRAMEWORKS
                if selected(f"{family}_{framework}") and os.path.exists(os.path.join(ROOT, f"{family}_{framework}.py"))]
