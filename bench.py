@@ -544,7 +544,7 @@ def report(args, peak, matmul, runs, sampling, scans, bpe_results, nanogpt):
                 lines.append(f"| {script} | failed | | | | | | | | | |")
                 continue
             flops = run["flops_per_step"] or (runs.get(script.replace("_jax", "_torch")) or {}).get("flops_per_step")
-            mfu = flops / (run["ms_per_step"] / 1000) / peak if flops else None
+            mfu = flops / (run["ms_per_step"] / 1000) / peak if flops and peak else None
             parameters = f"{run['parameters']:,}"
             if run["active"] != run["parameters"]:
                 parameters += f" ({run['active']:,} active)"
@@ -784,7 +784,7 @@ def main(argv=None):
         if result:
             matmul[framework] = result["flops"]
             print(f"  {framework} matmul: {result['flops'] / 1e9:.1f} GFLOP/s", flush=True)
-    peak = max(matmul.values()) if matmul else float("nan")
+    peak = max(matmul.values()) if matmul else None  # no yardstick: no MFU
     runs, sampling, scans = {}, {}, {}
     for script in scripts:
         family = script.split("_")[0]
