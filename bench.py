@@ -45,6 +45,7 @@ import time
 
 STARTED = time.perf_counter()  # a worker's budget counts from here: its imports are part of what a user waits for
 ROOT = os.path.dirname(os.path.abspath(__file__))
+STORIES = os.path.join(ROOT, "data", "stories.txt")  # the default corpus, which every script trains on here
 FAMILIES = ("gpt", "llama", "moe", "mamba")
 FRAMEWORKS = ("torch", "jax")
 MODEL_CLASSES = {"gpt": "GPT", "llama": "Llama", "moe": "MoE", "mamba": "Mamba"}
@@ -172,7 +173,7 @@ def train_for(script, options, seconds):
     import numpy as np
     family, framework = script.split("_")
     module = importlib.import_module(script)
-    config = module.parse_config(["--data=" + os.path.join(ROOT, "data", "stories.txt"), *options])
+    config = module.parse_config(["--data=" + STORIES, *options])
     config.family = family
     train_tokens, val_tokens, token_bytes, floor = module.load_data(config)
     config.vocab_size = len(token_bytes)
@@ -280,7 +281,7 @@ def sampling_costs(script, options, contexts, repeats=8):
     family, framework = script.split("_")
     module = importlib.import_module(script)
     longest = max(contexts) + repeats + 1
-    config = module.parse_config(["--data=" + os.path.join(ROOT, "data", "stories.txt"), *options,
+    config = module.parse_config(["--data=" + STORIES, *options,
                                   f"--seq_len={longest}"])
     config.vocab_size = 256
     rng = np.random.default_rng(0)
@@ -368,7 +369,7 @@ def scan_speed(script, options, repeats):
     framework = script.split("_")[1]
     result = {}
     for scan in ("parallel", "sequential"):
-        config = module.parse_config(["--data=" + os.path.join(ROOT, "data", "stories.txt"), *options,
+        config = module.parse_config(["--data=" + STORIES, *options,
                                       "--num_layers=1", "--seq_len=256", f"--scan={scan}"])
         config.family, config.vocab_size = "mamba", 256
         step = (torch_training if framework == "torch" else jax_training)(module, config)[0]
@@ -407,7 +408,8 @@ def bpe_speed(path, quick):
 
 
 def worker(kind, spec):
-    sys.path.insert(0, ROOT)
+    """One measurement, in this process (started by run_worker): its result, a dict that json can write."""
+    sys.path.insert(0, ROOT)  # the model scripts import from here, whatever the working folder
     if kind == "matmul":
         return matmul_throughput(spec["framework"], spec["size"])
     if kind == "script":
@@ -800,7 +802,7 @@ def main(argv=None):
                   f"ms/step, val bpb {run['val_bpb']:.3f} ({time.perf_counter() - started:.0f} s in all)", flush=True)
     bpe_results = {}
     if selected("bpe"):
-        texts = {"the story corpus": os.path.join(ROOT, "data", "stories.txt")}
+        texts = {"the story corpus": STORIES}
         if args.nanogpt:
             texts["Tiny Shakespeare"] = os.path.join(args.nanogpt, "data", "shakespeare_char", "input.txt")
         for name, path in texts.items():
